@@ -1,0 +1,43 @@
+"""Implicit layers and functions in PyTorch: solve ``F(z*) = 0`` or ``z* = f(z*)``
+over a dict of tensors, and differentiate through the solution with the
+implicit function theorem."""
+
+from . import adjoints, solvers
+from ._adjoint import AdjointSolver, LinearOperator
+from ._errors import ConvergenceError, ConvergenceWarning, SolverError
+from ._problem import ImplicitProblem
+from ._registry import (
+    available_adjoints,
+    available_solvers,
+    get_adjoint,
+    get_solver,
+    register_adjoint,
+    register_solver,
+)
+from ._solve import fixed_point, root, solve
+from ._solver import IterativeSolver, Solver
+from ._stats import Solution, SolverStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdjointSolver",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "ImplicitProblem",
+    "IterativeSolver",
+    "LinearOperator",
+    "Solution",
+    "Solver",
+    "SolverError",
+    "SolverStats",
+    "available_adjoints",
+    "available_solvers",
+    "fixed_point",
+    "get_adjoint",
+    "get_solver",
+    "register_adjoint",
+    "register_solver",
+    "root",
+    "solve",
+]

@@ -1,0 +1,104 @@
+"""Base class of adjoint solvers and the linear operator they see."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ._monitor import Monitor
+
+__all__ = ["AdjointSolver", "LinearOperator"]
+
+
+class LinearOperator:
+    """``v ↦ M v`` on ``(B, N)`` tensors, block-diagonal over samples.
+
+    For the backward pass ``M = (∂G/∂z)ᵀ`` at the solution (applied with a
+    vector-Jacobian product); for forward mode ``M = ∂G/∂z`` (a
+    Jacobian-vector product). ``G`` is the fixed-point map, so the adjoint
+    equation is ``x = M x + b``.
+
+    Args:
+        matvec: Applies ``M`` to a ``(B, N)`` tensor.
+        dense: Returns ``M`` as a ``(B, N, N)`` tensor (one block per sample).
+        batch: ``B``.
+        size: ``N``.
+    """
+
+    def __init__(
+        self,
+        matvec: Callable[[torch.Tensor], torch.Tensor],
+        dense: Callable[[], torch.Tensor],
+        *,
+        batch: int,
+        size: int,
+    ) -> None:
+        self._matvec = matvec
+        self._dense = dense
+        self.batch = batch
+        self.size = size
+        self.nmv = 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.nmv += 1
+        return self._matvec(v)
+
+    def dense(self) -> torch.Tensor:
+        """``M`` materialised per sample, shape ``(B, N, N)``."""
+        return self._dense()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdjointSolver:
+    """Solves the linear fixed point ``x = M x + b`` of implicit differentiation.
+
+    With ``G`` the fixed-point map and ``J = ∂G/∂z`` at the solution, the
+    backward pass solves ``(I - Jᵀ) x = g`` (``M = Jᵀ``, ``b = g``) and forward
+    mode solves ``(I - J) x = b``. For a root problem ``G(z) = z - F(z)``,
+    so this is ``(∂F/∂z)ᵀ x = g``. Adjoint solvers see ``M`` only through
+    :class:`LinearOperator` (products with vectors); only ``exact`` asks for
+    the dense matrix.
+
+    Attributes:
+        approximate: ``True`` for an adjoint that does not solve the equation
+            (``jfb``); all others give the implicit gradient to their tolerance.
+        tol: Relative tolerance, ``‖x - M x - b‖ ≤ tol·‖b‖ + atol`` per sample;
+            ``None`` uses the forward solve's ``tol``.
+        atol: Absolute tolerance floor; ``None`` uses the forward solve's ``atol``.
+        max_iter: The most iterations.
+    """
+
+    name: ClassVar[str] = ""
+    approximate: ClassVar[bool] = False
+
+    tol: float | None = None
+    atol: float | None = None
+    max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"tol must be positive; got {self.tol}")
+        if self.atol is not None and not self.atol >= 0:
+            raise ValueError(f"atol must be non-negative; got {self.atol}")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 0):
+            raise ValueError(f"max_iter must be a non-negative int; got {self.max_iter!r}")
+
+    def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        """Solve ``x = op(x) + b`` for ``(B, N)`` tensors.
+
+        Args:
+            op: The operator ``M``.
+            b: The right-hand side, ``(B, N)``.
+            monitor: Call ``monitor.check(x, x - op(x) - b)`` once per iterate.
+
+        Returns:
+            The last iterate passed to ``monitor.check``.
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The options of this adjoint as a dict (its constructor's keyword arguments)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

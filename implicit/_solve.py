@@ -1,0 +1,155 @@
+"""The public entry points: :func:`solve`, :func:`fixed_point` and :func:`root`."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ._ad import Linearisation, attach
+from ._adjoint import AdjointSolver
+from ._failure import check_on_failure, handle_failure
+from ._monitor import Monitor
+from ._problem import ImplicitProblem
+from ._registry import make_adjoint, make_solver
+from ._solver import Solver
+from ._stats import Solution, SolverStats
+
+__all__ = ["fixed_point", "root", "solve"]
+
+DEFAULT_ATOL = 1e-12
+
+
+def _check_settings(tol: float, atol: float, max_iter: int) -> None:
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol must be a non-negative number; got {tol!r}")
+    if not (isinstance(atol, (int, float)) and atol >= 0):
+        raise ValueError(f"atol must be a non-negative number; got {atol!r}")
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 0):
+        raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
+
+
+def solve(
+    problem: ImplicitProblem,
+    z0: Any,
+    *,
+    solver: str | Solver | type[Solver] = "anderson",
+    adjoint: str | AdjointSolver | type[AdjointSolver] = "gmres",
+    tol: float = 1e-6,
+    atol: float = DEFAULT_ATOL,
+    max_iter: int = 100,
+    on_failure: str = "warn",
+    solver_options: Mapping[str, Any] | None = None,
+    adjoint_options: Mapping[str, Any] | None = None,
+) -> Solution:
+    """Solve ``F(z*) = 0`` (or ``z* = f(z*)``) and make ``z*`` differentiable by the IFT.
+
+    The forward solve builds no autograd graph. The returned ``z`` carries one
+    custom backward that solves the joint adjoint system
+    ``(∂F/∂z)ᵀ v = g`` over all variables together, then sends ``v`` through
+    one evaluation of ``F`` to every tensor ``F`` reads. ``z0`` gets no gradient.
+
+    Args:
+        problem: The equation to solve.
+        z0: The initial state: a dict of tensors, a tuple/list of tensors or a
+            tensor; ``F`` receives and returns this structure.
+        solver: A registered solver name, a :class:`Solver` subclass or instance.
+        adjoint: A registered adjoint name, an :class:`AdjointSolver` subclass or instance.
+        tol: Relative tolerance: a sample has converged when
+            ``‖F(z)‖ ≤ tol·‖z‖ + atol`` (norms over all its variables together).
+        atol: Absolute tolerance floor, so that ``z* = 0`` can converge.
+        max_iter: The most iterations of the forward solver.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``: what
+            non-convergence of the forward or adjoint solve does. Non-finite
+            values raise :class:`SolverError` under ``"raise"`` and warn otherwise.
+        solver_options: Keyword arguments of the solver's constructor.
+        adjoint_options: Keyword arguments of the adjoint's constructor (at
+            least ``tol`` and ``max_iter`` for iterative adjoints).
+
+    Returns:
+        A :class:`Solution` with ``z``, ``stats``, ``converged``; its
+        ``adjoint_stats`` is filled by each backward pass.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Example:
+        >>> import torch, implicit
+        >>> W = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
+        >>> problem = implicit.ImplicitProblem.fixed_point(lambda z: {"x": 0.5 * torch.tanh(z["y"]) + 1, "y": W @ z["y"] + z["x"]})
+        >>> sol = implicit.solve(problem, {"x": torch.zeros((), dtype=torch.float64), "y": torch.zeros(2, dtype=torch.float64)}, solver="fixed_point", tol=1e-10, max_iter=500)
+        >>> sol.converged
+        True
+    """
+    if not isinstance(problem, ImplicitProblem):
+        raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
+    _check_settings(tol, atol, max_iter)
+    check_on_failure(on_failure)
+    solver_obj = make_solver(solver, solver_options)
+    adjoint_obj = make_adjoint(adjoint, adjoint_options)
+
+    system = problem.bind(z0)
+    structure = system.structure
+    with torch.no_grad():
+        start = structure.flatten(z0).detach()
+        if structure.kind == "tensor":  # a view of z0: never hand the caller's memory back
+            start = start.clone()
+        monitor = Monitor(structure, tol=float(tol), atol=float(atol), max_iter=max_iter)
+        z_flat = solver_obj.solve(system, start, monitor)
+    if monitor.converged is None:
+        raise RuntimeError(f"solver {solver_obj.name!r} returned without checking convergence")
+    stats = monitor.stats(solver_obj.name, system.nfe, problem.batched)
+    handle_failure(monitor, on_failure, f"forward solve ({solver_obj.name})")
+
+    solution = Solution(z=None, stats=stats)
+    ref = weakref.ref(solution)
+
+    def record(adjoint_stats: SolverStats) -> None:
+        sol = ref()
+        if sol is not None:
+            sol.adjoint_stats = adjoint_stats
+
+    lin = Linearisation(
+        system, z_flat.detach(), adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure, record=record
+    )
+    solution.z = structure.unflatten(attach(z_flat.detach(), lin))
+    return solution
+
+
+def fixed_point(f: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The fixed point ``z* = f(z*)``, differentiable by the IFT, in the structure of ``z0``.
+
+    Args:
+        f: The map; receives and returns the structure of ``z0``.
+        z0: The initial state.
+        batched: Whether dim 0 of every variable indexes independent samples.
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve` (dict, tuple/list or tensor).
+
+    Example:
+        >>> import torch, implicit
+        >>> implicit.fixed_point(torch.cos, torch.tensor(1.0, dtype=torch.float64), tol=1e-12).item()
+        0.7390851332151607
+    """
+    return solve(ImplicitProblem.fixed_point(f, batched=batched), z0, **kwargs).z
+
+
+def root(F: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The root ``F(z*) = 0``, differentiable by the IFT, in the structure of ``z0``.
+
+    Args:
+        F: The residual; receives and returns the structure of ``z0``.
+        z0: The initial state.
+        batched: Whether dim 0 of every variable indexes independent samples.
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve`.
+    """
+    return solve(ImplicitProblem(F, batched=batched), z0, **kwargs).z

@@ -1,0 +1,170 @@
+"""The state of a problem: a dict, tuple/list or single tensor, flattened to ``(B, N)``.
+
+Solvers only ever see one 2-D tensor whose row ``b`` holds every variable of
+sample ``b`` (an unbatched problem is one sample, ``B = 1``). This module maps
+between that layout and the user's structure, and validates what a residual
+returns against the structure it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Structure"]
+
+
+def _shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)
+
+
+class Structure:
+    """The layout of a state: variable names, shapes, dtype, device and batch size.
+
+    Args:
+        z0: The initial state (dict of tensors, tuple/list of tensors, or a tensor).
+        batched: Whether dim 0 of every variable indexes independent samples.
+
+    Raises:
+        TypeError: ``z0`` is not a tensor, a dict of tensors or a tuple/list of tensors.
+        ValueError: the variables disagree in dtype, device or batch size, or a
+            variable is not floating point.
+    """
+
+    def __init__(self, z0: Any, batched: bool) -> None:
+        if isinstance(z0, torch.Tensor):
+            self.kind = "tensor"
+            self.keys: list[Any] = [None]
+            tensors = [z0]
+        elif isinstance(z0, Mapping):
+            self.kind = "dict"
+            self.keys = list(z0.keys())
+            tensors = [z0[k] for k in self.keys]
+        elif isinstance(z0, (tuple, list)):
+            self.kind = type(z0).__name__
+            self.keys = list(range(len(z0)))
+            tensors = list(z0)
+        else:
+            raise TypeError(
+                f"z0 must be a tensor, a dict of tensors or a tuple/list of tensors; got {type(z0).__name__}"
+            )
+        if not tensors:
+            raise ValueError("z0 holds no variables; give at least one tensor")
+        self.names = [self.name(k) for k in self.keys]
+        for name, t in zip(self.names, tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} has dtype {t.dtype}; expected a floating-point dtype")
+        first = tensors[0]
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        for name, t in zip(self.names, tensors):
+            if t.dtype != self.dtype:
+                raise ValueError(
+                    f"{name} has dtype {t.dtype}; expected {self.dtype} as in {self.names[0]} "
+                    "(all variables share one dtype)"
+                )
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}; expected {self.device} as in {self.names[0]}")
+        self.batched = batched
+        if batched:
+            for name, t in zip(self.names, tensors):
+                if t.dim() == 0:
+                    raise ValueError(
+                        f"{name} is 0-dim but the problem is batched; every variable needs dim 0 "
+                        "to index samples (or pass batched=False)"
+                    )
+            self.batch = int(first.shape[0])
+            for name, t in zip(self.names, tensors):
+                if t.shape[0] != self.batch:
+                    raise ValueError(
+                        f"{name} has batch size {t.shape[0]}; expected {self.batch} as in "
+                        f"{self.names[0]} (dim 0 indexes samples when batched=True)"
+                    )
+        else:
+            self.batch = 1
+        self.shapes = [_shape(t.shape) for t in tensors]
+        self.sizes = [t.numel() // self.batch if self.batch else 0 for t in tensors]
+        self.size = sum(self.sizes)
+
+    def name(self, key: Any) -> str:
+        """How a variable is called in messages: ``z['x']``, ``z[0]`` or ``z``."""
+        if self.kind == "tensor":
+            return "z"
+        return f"z[{key!r}]"
+
+    def variables(self, state: Any) -> list[torch.Tensor]:
+        """The tensors of ``state`` in this structure's order (no validation)."""
+        if self.kind == "tensor":
+            return [state]
+        return [state[k] for k in self.keys]
+
+    def flatten(self, state: Any) -> torch.Tensor:
+        """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
+        if self.kind == "tensor":
+            return state.reshape(self.batch, self.size)
+        return torch.cat([t.reshape(self.batch, -1) for t in self.variables(state)], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> Any:
+        """The inverse of :meth:`flatten`; returns views of ``flat``."""
+        if self.kind == "tensor":
+            return flat.view(self.shapes[0])
+        parts = [p.view(s) for p, s in zip(flat.split(self.sizes, dim=1), self.shapes)]
+        if self.kind == "dict":
+            return dict(zip(self.keys, parts))
+        if self.kind == "tuple":
+            return tuple(parts)
+        return parts
+
+    def check(self, out: Any, what: str) -> None:
+        """Validate ``out`` (returned by ``what``) against this structure.
+
+        Raises:
+            ValueError: naming the variable, the expected and the actual value.
+        """
+        if self.kind == "tensor":
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"{what} returned {type(out).__name__}; expected a tensor as in z0")
+            tensors = [out]
+        elif self.kind == "dict":
+            if not isinstance(out, Mapping):
+                raise ValueError(f"{what} returned {type(out).__name__}; expected a dict as in z0")
+            if set(out.keys()) != set(self.keys):
+                missing = [k for k in self.keys if k not in out]
+                extra = [k for k in out if k not in self.keys]
+                raise ValueError(
+                    f"{what} returned keys {sorted(map(str, out.keys()))}; expected {sorted(map(str, self.keys))} "
+                    f"as in z0 (missing {missing}, unexpected {extra})"
+                )
+            tensors = [out[k] for k in self.keys]
+        else:
+            if not isinstance(out, (tuple, list)) or len(out) != len(self.keys):
+                got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+                raise ValueError(f"{what} returned {got}; expected a {self.kind} of length {len(self.keys)} as in z0")
+            tensors = list(out)
+        for name, shape, t in zip(self.names, self.shapes, tensors):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{what} returned {name} of type {type(t).__name__}; expected a tensor")
+            if t.shape != shape:
+                raise ValueError(
+                    f"{what} returned {name} with shape {_shape(t.shape)}; expected {shape} as in z0"
+                )
+            if t.dtype != self.dtype:
+                raise ValueError(f"{what} returned {name} with dtype {t.dtype}; expected {self.dtype} as in z0")
+            if t.device != self.device:
+                raise ValueError(f"{what} returned {name} on {t.device}; expected {self.device} as in z0")
+
+    def nonfinite(self, flat: torch.Tensor) -> list[str]:
+        """Names of the variables holding a NaN or infinity in ``flat``."""
+        bad = []
+        for name, part in zip(self.names, flat.split(self.sizes, dim=1)):
+            if not bool(torch.isfinite(part).all()):
+                bad.append(name)
+        return bad
+
+    def describe(self) -> str:
+        """One line listing the variables and their shapes."""
+        return ", ".join(f"{n}: {s}" for n, s in zip(self.names, self.shapes))

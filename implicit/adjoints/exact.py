@@ -1,0 +1,49 @@
+"""The exact adjoint: materialise ``∂G/∂z`` per sample and solve densely."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._adjoint import AdjointSolver, LinearOperator
+from .._monitor import Monitor
+from .._registry import register_adjoint
+
+__all__ = ["ExactAdjoint"]
+
+
+@register_adjoint("exact")
+@dataclass(frozen=True, kw_only=True)
+class ExactAdjoint(AdjointSolver):
+    """Builds ``M`` per sample (block-diagonal when batched) and solves ``(I - M) x = b``.
+
+    The Jacobian comes from ``N`` vector-Jacobian products batched with
+    ``vmap`` (``N`` the number of unknowns per sample), i.e. the rows of the
+    ``torch.func.jacrev`` Jacobian; for a batched problem one product with a
+    basis vector repeated over the batch yields that row of every sample's
+    block at once. Cost ``O(B·N²)`` memory and ``O(B·N³)`` time: for large
+    states use ``gmres`` or ``neumann``.
+
+    Args:
+        max_size: The largest ``B·N²`` (entries of the Jacobian) allowed.
+    """
+
+    max_size: int = 2**26
+
+    def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        entries = op.batch * op.size * op.size
+        if entries > self.max_size:
+            raise ValueError(
+                f"the exact adjoint would materialise a Jacobian of {op.batch} x {op.size} x {op.size} = "
+                f"{entries} entries (max_size={self.max_size}); use adjoint='gmres' or 'neumann' for "
+                "states this large, or raise adjoint_options={'max_size': ...}"
+            )
+        m = op.dense()
+        eye = torch.eye(op.size, dtype=b.dtype, device=b.device)
+        x, info = torch.linalg.solve_ex(eye - m, b.unsqueeze(-1))
+        x = x.squeeze(-1)
+        if bool((info != 0).any()):  # singular: leave a non-finite iterate for the monitor to report
+            x = torch.full_like(x, float("nan"))
+        monitor.check(x, x - (m @ x.unsqueeze(-1)).squeeze(-1) - b)
+        return x

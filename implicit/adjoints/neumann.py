@@ -1,0 +1,32 @@
+"""Truncated Neumann series: fixed-point iteration on the adjoint equation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._adjoint import AdjointSolver, LinearOperator
+from .._monitor import Monitor
+from .._registry import register_adjoint
+
+__all__ = ["NeumannAdjoint"]
+
+
+@register_adjoint("neumann")
+@dataclass(frozen=True, kw_only=True)
+class NeumannAdjoint(AdjointSolver):
+    """``x ← M x + b`` from ``x = b``: the partial sums of ``Σₖ Mᵏ b``.
+
+    Converges when the spectral radius of ``M = (∂G/∂z)ᵀ`` is below one, as
+    it is at an attracting fixed point; the error shrinks by about that radius
+    per vector-Jacobian product.
+    """
+
+    def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        x = b
+        while True:
+            r = op(x) + b - x
+            if monitor.check(x, r):
+                return x
+            x = monitor.freeze(x + r, x)

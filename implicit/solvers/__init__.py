@@ -1,0 +1,5 @@
+"""Built-in forward solvers; importing this package registers them."""
+
+from . import anderson, broyden, newton_krylov, picard, scipy_root
+
+__all__ = ["anderson", "broyden", "newton_krylov", "picard", "scipy_root"]

@@ -1,0 +1,40 @@
+"""Picard (plain fixed-point) iteration with optional damping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._monitor import Monitor
+from .._problem import System
+from .._registry import register_solver
+from .._solver import IterativeSolver
+
+__all__ = ["FixedPointIteration"]
+
+
+@register_solver("fixed_point")
+@dataclass(frozen=True, kw_only=True)
+class FixedPointIteration(IterativeSolver):
+    """Picard iteration ``z ← (1 - β) z + β G(z)`` for ``z* = G(z*)``.
+
+    Converges when ``G`` is a contraction (``β`` in ``(0, 1]``); damping
+    (``β < 1``) can restore convergence when ``∂G/∂z`` has eigenvalues
+    near ``-1``.
+
+    Args:
+        damping: ``β``, the weight of the new map value.
+    """
+
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damping <= 1.0:
+            raise ValueError(f"damping must lie in (0, 1]; got {self.damping}")
+
+    def step(self, system: System, z: torch.Tensor, r: torch.Tensor, state: Any, monitor: Monitor) -> torch.Tensor:
+        if self.damping == 1.0:
+            return z + r
+        return z.add(r, alpha=self.damping)
