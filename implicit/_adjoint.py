@@ -78,6 +78,17 @@ class AdjointSolver:
     atol: float | None = None
     max_iter: int = 200
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # As for solvers: subclasses are frozen keyword-only dataclasses.
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True, kw_only=True)(cls)
+        # An explicit @dataclass(frozen=True) on the subclass, which runs
+        # next, refuses to overwrite these; the base class's still protect
+        # every inherited option until it replaces them.
+        for attr in ("__setattr__", "__delattr__"):
+            if attr in cls.__dict__:
+                delattr(cls, attr)
+
     def __post_init__(self) -> None:
         if self.tol is not None and not self.tol > 0:
             raise ValueError(f"tol must be positive; got {self.tol}")

@@ -29,6 +29,18 @@ class Solver:
 
     name: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Subclasses are frozen keyword-only dataclasses too, so that
+        # ``class Mine(get_solver("anderson")): m: int = 10`` changes a default.
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True, kw_only=True)(cls)
+        # An explicit @dataclass(frozen=True) on the subclass, which runs
+        # next, refuses to overwrite these; the base class's still protect
+        # every inherited option until it replaces them.
+        for attr in ("__setattr__", "__delattr__"):
+            if attr in cls.__dict__:
+                delattr(cls, attr)
+
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         """Iterate from ``z0`` until ``monitor.check`` says stop; return the last checked iterate.
 
