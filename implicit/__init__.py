@@ -2,7 +2,7 @@
 over a dict of tensors, and differentiate through the solution with the
 implicit function theorem."""
 
-from . import adjoints, solvers
+from . import adjoints, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._problem import ImplicitProblem

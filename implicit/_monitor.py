@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._stats import SolverStats
@@ -45,27 +47,47 @@ class Monitor:
         self.iterations = 0
         self.history: list[torch.Tensor] = []
         self.residual: torch.Tensor | None = None
-        self.converged: torch.Tensor | None = None
-        self.active: torch.Tensor | None = None
         self.nonfinite: list[str] = []
         self.message = ""
+        self._margin: torch.Tensor | None = None
+        self._active: torch.Tensor | None = None
+        self._frozen = False  # whether any sample has converged (only then is freezing needed)
+
+    @property
+    def converged(self) -> torch.Tensor | None:
+        """Per-sample convergence ``(B,)`` at the last check (``None`` before)."""
+        return None if self._margin is None else self._margin <= self.atol
+
+    @property
+    def active(self) -> torch.Tensor | None:
+        """Per-sample mask ``(B,)`` of the samples still iterating (``None`` before)."""
+        if self._margin is None:
+            return None
+        if self._active is None:
+            self._active = self._margin > self.atol
+        return self._active
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         """Record the residual of iterate ``z`` and say whether to stop."""
         rn = torch.linalg.vector_norm(r, dim=1)
         zn = torch.linalg.vector_norm(z, dim=1) if self.reference is None else self.reference
-        converged = rn <= self.tol * zn + self.atol
+        # ‖F(z)‖ - tol·‖z‖ ≤ atol where converged; its maximum answers "all
+        # converged?" and, being NaN or infinite otherwise, "all finite?" in
+        # the single host synchronisation of the iteration.
+        margin = torch.sub(rn, zn, alpha=self.tol)
         self.history.append(rn)
         self.residual = rn
-        self.converged = converged
-        self.active = ~converged
-        all_converged, finite = torch.stack([converged.all(), torch.isfinite(rn).all()]).tolist()
-        if not finite:
+        self._margin = margin
+        self._active = None
+        lo, hi = torch.aminmax(margin)
+        worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
+        self._frozen = best <= self.atol
+        if not math.isfinite(worst) and not bool(torch.isfinite(rn).all() & torch.isfinite(zn).all()):
             bad = self.structure.nonfinite(r) or self.structure.nonfinite(z) or ["(unknown)"]
             self.nonfinite = bad
             self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
             return True
-        if all_converged:
+        if worst <= self.atol:
             self.message = f"converged in {self.iterations} iterations"
             return True
         if self.iterations >= self.max_iter:
@@ -76,15 +98,16 @@ class Monitor:
 
     def freeze(self, z_new: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``z_new`` for the samples still iterating, ``z`` for converged ones."""
-        if self.active is None or z.shape[0] == 1:
+        if self._margin is None or not self._frozen or z.shape[0] == 1:
             return z_new
-        return torch.where(self.active[:, None], z_new, z)
+        return torch.where(self.active[:, None], z_new, z)  # type: ignore[index]
 
     def stats(self, solver: str, nfe: int, batched: bool) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""
-        assert self.residual is not None and self.converged is not None, "check() was never called"
-        history = torch.stack(self.history) if self.history else self.residual.new_zeros(0, len(self.residual))
-        residual, converged = self.residual, self.converged
+        converged = self.converged
+        assert self.residual is not None and converged is not None, "check() was never called"
+        history = torch.stack(self.history)
+        residual = self.residual
         if not batched:
             residual, converged, history = residual[0], converged[0], history[:, 0]
         return SolverStats(
