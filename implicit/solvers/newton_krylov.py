@@ -1,1 +1,170 @@
-"""Placeholder: filled in by the solver suite."""
+"""Inexact Newton–Krylov: Newton steps whose linear systems GMRES solves with Jacobian-vector products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .._krylov import gmres
+from .._monitor import Monitor
+from .._problem import System
+from .._registry import register_solver
+from .._solver import Solver
+
+__all__ = ["NewtonKrylov"]
+
+_FORCING = ("eisenstat_walker", "constant")
+
+
+def _jacobian_product(system: System, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v ↦ (∂F/∂z) v`` at ``z``, one forward-mode evaluation of ``F`` per product."""
+    # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
+    # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
+    return lambda v: system.residual_jvp(z, v)[1].to(z.dtype)
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+@register_solver("newton_krylov")
+@dataclass(frozen=True, kw_only=True)
+class NewtonKrylov(Solver):
+    """Solves ``F(z*) = 0`` by Newton steps ``J d = -F(z)`` solved inexactly by GMRES.
+
+    ``J = ∂F/∂z`` is never formed: GMRES needs only the products ``J v``,
+    each one forward-mode evaluation of ``F`` (``nfe`` counts it). The
+    linear solve stops at ``‖F + J d‖ ≤ η_k ‖F‖``, with the forcing term
+    ``η_k`` chosen by Eisenstat and Walker's choice 2,
+    ``η_k = γ (‖F_k‖ / ‖F_{k-1}‖)^α`` (``γ = 0.9``, ``α = 2``), safeguarded
+    as they propose and capped at ``eta_max``: loose far from the solution,
+    tight near it, so convergence is superlinear without oversolving. A
+    backtracking line search then halves the step until
+    ``‖F(z + λd)‖ ≤ (1 - 10⁻⁴ λ) ‖F(z)‖`` (Armijo's condition on ``‖F‖``).
+    When batched, each sample has its own forcing term, GMRES tolerance and
+    step length, and converged samples are frozen.
+
+    This differs from Eisenstat & Walker (1996) in that: 1. ``η_k`` is also
+    kept above ``0.5 τ / ‖F_k‖`` (τ the stopping threshold), as Kelley does,
+    so the last linear solve is not more accurate than the answer needs;
+    2. the line search halves the step instead of fitting a parabola; 3.
+    when no step length within ``max_backtracks`` halvings satisfies
+    Armijo's condition, the shortest one is still taken if it lowers
+    ``‖F‖`` at all, and otherwise the sample stays where it is.
+
+    Host synchronisations: one per residual check of the Newton iteration,
+    one per GMRES step (to stop the inner solve as soon as it is accurate
+    enough) and one per line-search trial.
+
+    Args:
+        restart: GMRES steps per restart cycle of the inner solve.
+        max_inner: The most GMRES steps (Jacobian-vector products) per Newton step.
+        eta_max: Upper bound on the forcing term, in ``(0, 1)``; also
+            ``η_0``, and the constant forcing term when ``forcing="constant"``.
+        forcing: ``"eisenstat_walker"`` (choice 2) or ``"constant"``.
+        line_search: Backtrack on ``‖F‖``; without it every step is the full
+            Newton step.
+        max_backtracks: The most step halvings per Newton step.
+
+    References:
+        S. C. Eisenstat and H. F. Walker, "Choosing the forcing terms in an
+        inexact Newton method", SIAM J. Sci. Comput. 17(1), 1996.
+        D. A. Knoll and D. E. Keyes, "Jacobian-free Newton–Krylov methods:
+        a survey of approaches and applications", J. Comput. Phys. 193, 2004.
+    """
+
+    gamma: ClassVar[float] = 0.9
+    alpha: ClassVar[float] = 2.0
+    armijo: ClassVar[float] = 1e-4
+
+    restart: int = 20
+    max_inner: int = 40
+    eta_max: float = 0.9
+    forcing: str = "eisenstat_walker"
+    line_search: bool = True
+    max_backtracks: int = 10
+
+    def __post_init__(self) -> None:
+        _positive_int("restart", self.restart)
+        _positive_int("max_inner", self.max_inner)
+        _positive_int("max_backtracks", self.max_backtracks, minimum=0)
+        if isinstance(self.eta_max, bool) or not (isinstance(self.eta_max, (int, float)) and 0 < self.eta_max < 1):
+            raise ValueError(f"eta_max must lie in (0, 1); got {self.eta_max!r}")
+        if self.forcing not in _FORCING:
+            raise ValueError(f"forcing must be one of {', '.join(map(repr, _FORCING))}; got {self.forcing!r}")
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"line_search must be a bool; got {self.line_search!r}")
+
+    def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        z = z0
+        f = system.residual(z)
+        fn = torch.linalg.vector_norm(f, dim=1)
+        eta = torch.full_like(fn, self.eta_max)
+        fn_prev: torch.Tensor | None = None
+        while not monitor.check(z, f):
+            assert monitor.active is not None
+            active = monitor.active
+            if fn_prev is not None and self.forcing == "eisenstat_walker":
+                eta = self._forcing(eta, fn, fn_prev)
+            reference = torch.linalg.vector_norm(z, dim=1) if monitor.reference is None else monitor.reference
+            threshold = monitor.tol * reference + monitor.atol
+            eta_k = torch.minimum(torch.maximum(eta, 0.5 * threshold / fn), torch.full_like(eta, self.eta_max))
+            # Converged samples need no step: an infinite target leaves their direction at zero.
+            target = torch.where(active, eta_k * fn, torch.full_like(fn, float("inf")))
+            d = gmres(
+                _jacobian_product(system, z),
+                -f,
+                restart=self.restart,
+                tol=0.0,
+                atol=target,
+                max_iter=self.max_inner,
+                confirm=False,
+            ).x
+            z_new, f_new = self._step(system, z, f, fn, d, active)
+            fn_prev = fn
+            z, f = z_new, f_new
+            fn = torch.linalg.vector_norm(f, dim=1)
+        return z
+
+    def _forcing(self, eta: torch.Tensor, fn: torch.Tensor, fn_prev: torch.Tensor) -> torch.Tensor:
+        """Eisenstat–Walker choice 2 with its safeguard against a sudden drop of ``η``."""
+        new = self.gamma * (fn / fn_prev) ** self.alpha
+        floor = self.gamma * eta**self.alpha
+        new = torch.where(floor > 0.1, torch.maximum(new, floor), new)
+        return torch.nan_to_num(new, nan=self.eta_max).clamp(max=self.eta_max)
+
+    def _step(
+        self,
+        system: System,
+        z: torch.Tensor,
+        f: torch.Tensor,
+        fn: torch.Tensor,
+        d: torch.Tensor,
+        active: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next iterate and its residual, after a per-sample backtracking line search."""
+        if not self.line_search:
+            z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
+            return z_new, system.residual(z_new)
+        lam = torch.ones_like(fn)
+        decided = ~active
+        z_new, f_new = z, f
+        for trial in range(self.max_backtracks + 1):
+            z_try = z + lam[:, None] * d
+            f_try = system.residual(z_try)
+            fn_try = torch.linalg.vector_norm(f_try, dim=1)
+            accept = (fn_try <= (1 - self.armijo * lam) * fn) & ~decided
+            if trial == self.max_backtracks:
+                # Out of halvings: keep the shortest step if it lowers ‖F‖ at all (NaN does not).
+                accept = accept | ((fn_try < fn) & ~decided)
+            z_new = torch.where(accept[:, None], z_try, z_new)
+            f_new = torch.where(accept[:, None], f_try, f_new)
+            decided = decided | accept
+            if trial == self.max_backtracks or bool(decided.all()):
+                break
+            lam = torch.where(decided, lam, 0.5 * lam)
+        return z_new, f_new
