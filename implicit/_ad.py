@@ -18,16 +18,34 @@ second derivatives. The backward pass of the outer step solves the joint
 adjoint system ``(I - J₀)ᵀ u = g`` over all variables together once, then sends
 ``u`` through the single evaluation ``G(z_a, θ)`` to every tensor ``G`` reads.
 In a first-order backward the cotangent reaching ``z_a`` is ``g - (I - J₀)ᵀ u``,
-zero up to the adjoint tolerance, so the inner step returns nothing and is never
-evaluated; its ``G(z*, θ)`` is checkpointed (no activations kept), and is only
-recomputed when a graph of the backward is built (``create_graph=True``) for
-second derivatives. Bytes saved for backward are those of one evaluation of
-``G``, whatever the number of solver iterations.
+zero up to the adjoint tolerance, so the inner step solves nothing. Its
+``G(z*, θ)`` is checkpointed (no activations kept); the autograd engine still
+walks that branch with an empty cotangent and so recomputes it once per
+backward (one evaluation of ``G``, no product, no solve). Bytes saved for
+backward are those of one evaluation of ``G``, whatever the number of solver
+iterations.
 
 ``L`` and ``Lᵀ`` are the same Function: its backward is the transposed solve
-(differentiable again when a graph is being built) and its ``jvp`` the
-untransposed one, so reverse mode, double backward and forward mode
-(``torch.func.jvp``, ``torch.autograd.forward_ad``) all go through it.
+(through the Function again, so differentiable when a graph is being built)
+and its ``jvp`` the untransposed one, so reverse mode, double backward and
+forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) all go
+through it. A double backward costs six solves (two transposed solves with a
+graph, then two untransposed and two transposed ones); the untransposed
+products ``J v`` come from the graph of ``G(z_a, θ)`` already recorded (the
+derivative of ``Jᵀ w`` in ``w``), so ``G`` is not evaluated again. Forward mode
+alone records no graph and differentiates ``G`` in forward mode instead
+(matrix-free; the ``exact`` adjoint materialises ``J`` once).
+
+Under ``torch.func``: ``grad``, ``vjp``, ``jvp``, ``jacrev`` (batched
+cotangents reach the Function's ``vmap`` rule, a loop of solves with one
+operator), ``jacfwd`` (batched tangents: a dense solve with ``J``
+materialised once, as no iterative stopping test can run under ``vmap``) and
+the compositions ``jacrev∘jacrev``, ``jacrev∘jacfwd`` and ``jacrev∘jvp`` work.
+``vmap`` over the inputs of a solve is refused where the state is first seen
+batched (see ``_transforms``). Forward mode over another transform
+(``hessian`` = ``jacfwd∘jacrev``, ``jacfwd∘jacfwd``) is refused: its rules
+run with the outer transforms suspended, where differentiating ``G`` afresh
+would reuse their level numbers and mistake their wrapped tensors for its own.
 """
 
 from __future__ import annotations
@@ -44,8 +62,20 @@ from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
 from ._stats import SolverStats
+from ._transforms import no_tangents, vmapped
 
 __all__ = ["Linearisation", "attach"]
+
+_functorch = torch._C._functorch
+
+_LOWERED = (
+    "this composition of torch.func transforms needs products with the Jacobian of the problem "
+    "inside the rule of an outer transform, where the problem cannot be differentiated again. "
+    "Forward mode over another transform (torch.func.hessian, which is jacfwd over jacrev; "
+    "jacfwd over grad or jacfwd) is not supported through implicit.solve; for second derivatives "
+    "use torch.func.jacrev(torch.func.jacrev(f)), torch.func.jacrev over jacfwd, or "
+    "torch.autograd.grad(..., create_graph=True)"
+)
 
 # Modes of _ImplicitSolve.
 _INNER = "inner"  # Newton correction whose value is dropped; skipped in first-order backward
@@ -89,64 +119,113 @@ class Linearisation:
         self.g: torch.Tensor | None = None
         self._jacobian: torch.Tensor | None = None
         self._last_rhs_norm: torch.Tensor | None = None
-        self._jvp_graph: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._nested_forward_ad = False
 
     def set_graph(self, z: torch.Tensor, g: torch.Tensor) -> None:
         """Use the graph of ``g = G(z)`` (``z`` requiring grad) for products with ``Jᵀ``."""
         self.z, self.g = z, g
 
+    def record_graph(self) -> None:
+        """Evaluate ``G`` once at the solution with a graph, for products with ``J`` and ``Jᵀ``.
+
+        For forward mode alone, where :func:`attach` records none. Not while
+        a ``torch.func`` transform is active: they forbid ``requires_grad_``.
+        """
+        if _functorch.maybe_current_level() is not None:
+            raise NotImplementedError(_LOWERED)
+        with torch.enable_grad(), no_tangents():
+            z = self.z_star.detach().requires_grad_()
+            self.z, self.g = z, self.system.map(z)
+
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
-        """``Jᵀ v``."""
-        assert self.g is not None and self.z is not None, "set_graph() first"
+        """``Jᵀ v``, from the graph recorded at the solution."""
+        if self.g is None or self.z is None:
+            self.record_graph()
+        assert self.g is not None and self.z is not None
         with torch.enable_grad():
-            (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
+            try:
+                (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
+            except RuntimeError as exc:
+                # The engine frees the forward graph once a backward without
+                # retain_graph has passed through it; a later solve (a
+                # second-order pass, or refining an unconverged adjoint) then
+                # builds a graph of its own, at the cost of one evaluation.
+                if "second time" not in str(exc):
+                    raise
+                z = self.z_star.detach().requires_grad_()
+                self.z, self.g = z, self.system.map(z)
+                (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
         return out
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``J v``, by forward-mode differentiation of ``G`` at the solution.
+        """``J v``: from the recorded graph of ``G`` at the solution when there is one, else by forward mode.
 
-        Inside ``torch.autograd.forward_ad`` (which does not nest) it is the
-        derivative of the vector-Jacobian product ``Jᵀ w`` in ``w`` instead.
+        From the graph it is the derivative of the vector-Jacobian product
+        ``Jᵀ w`` in ``w``, which evaluates nothing and starts no transform; so
+        it is also inside ``torch.autograd.forward_ad``, which does not nest.
+
+        Raises:
+            NotImplementedError: where neither is possible (see :meth:`_lowered`).
         """
-        if not self._nested_forward_ad:
+        wrapped = _functorch.is_functorch_wrapped_tensor(self.z_star)
+        if self.g is None and not wrapped and fwAD._current_level >= 0:
+            self.record_graph()  # torch.autograd.forward_ad does not nest: no forward mode here
+        if self.g is not None and self.z is not None:
+            # From the graph recorded at the solution: no new evaluation of G
+            # (about half the time of forward mode in double backward), and no
+            # new transform level under torch.func.
             try:
-                return torch.func.jvp(self.system.map, (self.z_star,), (v,))[1]
+                return _jvp_by_double_vjp(self.z, self.g, v)
             except RuntimeError as exc:
-                if "Nested forward mode" not in str(exc):
-                    raise
-                self._nested_forward_ad = True
-        with torch.enable_grad():
-            if self._jvp_graph is None:
-                z = self.z_star.detach().requires_grad_()
-                self._jvp_graph = (z, self.system.map(z))
-            z, g = self._jvp_graph
-            w = torch.zeros_like(z, requires_grad=True)
-            (jtw,) = torch.autograd.grad(g, z, w, create_graph=True)
-            (out,) = torch.autograd.grad(jtw, w, v)
-        return out
+                if wrapped or fwAD._current_level >= 0:
+                    raise NotImplementedError(_LOWERED) from exc
+                # An operation of G without a double backward: forward mode below.
+        elif wrapped and self._lowered():
+            raise NotImplementedError(_LOWERED)
+        return torch.func.jvp(self.system.map, (_strip_dead(self.z_star),), (v,))[1]
+
+    def _lowered(self) -> bool:
+        """Whether ``G`` must not be evaluated here: a ``torch.func`` transform the solve ran under is suspended.
+
+        ``torch.func`` runs a Function's rules with the transforms above it
+        lowered. The tensors ``G`` closes over are still wrapped at those
+        levels, and a transform started there to differentiate ``G`` would
+        take the same level number and mistake them for its own. Products
+        then come from the graph recorded when the solution was attached.
+        Levels that have exited (dead wrappers, level ``-2``) are harmless.
+        """
+        current = _functorch.maybe_current_level()
+        t = self.z_star
+        while _functorch.is_functorch_wrapped_tensor(t):
+            level = _functorch.maybe_get_level(t)
+            if level > 0 and (current is None or level > current):
+                return True
+            t = _functorch.get_unwrapped(t)
+        return False
 
     def jacobian(self) -> torch.Tensor:
         """``J`` per sample, ``(B, N, N)``, from ``N`` batched vector-Jacobian products.
 
-        Before the graph exists (forward mode), from ``N`` Jacobian-vector products.
+        In forward mode without a graph it records one (an evaluation of
+        ``G``); under ``torch.func``, where it cannot, it takes ``N``
+        Jacobian-vector products instead.
         """
         if self._jacobian is None:
+            if self.g is None and not _functorch.is_functorch_wrapped_tensor(self.z_star):
+                self.record_graph()
             batch, size = self.z_star.shape
             basis = torch.eye(size, dtype=self.z_star.dtype, device=self.z_star.device)
             basis = basis[:, None, :].expand(size, batch, size)
-            if self.g is None:  # forward mode before the graph exists: columns from JVPs
+            if self.g is None or self.z is None:  # under torch.func, no graph: columns from JVPs
                 cols = torch.stack([self.jvp(basis[k]) for k in range(size)], dim=-1)
-                self._jacobian = cols.detach()
+                self._jacobian = _plain(cols.detach())
                 return self._jacobian
             with torch.enable_grad():
                 try:
-                    (rows,) = torch.autograd.grad(
-                        self.g, self.z, basis, retain_graph=True, is_grads_batched=True
-                    )
+                    (rows,) = torch.autograd.grad(self.g, self.z, basis, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an op without a batching rule: one product per row
                     rows = torch.stack([self.vjp(basis[k]) for k in range(size)])
-            self._jacobian = rows.transpose(0, 1).detach()
+            # Plain: L is a constant to every transform, whichever level asked first.
+            self._jacobian = _plain(rows.transpose(0, 1).detach())
         return self._jacobian
 
     def negligible(self, c: torch.Tensor) -> bool:
@@ -159,19 +238,36 @@ class Linearisation:
         """
         if self.adjoint.approximate:
             return True
-        if self._last_rhs_norm is None:
+        if self._last_rhs_norm is None or vmapped(c):
             return False
         cn = torch.linalg.vector_norm(c, dim=1)
         return bool((cn <= self.tol * self._last_rhs_norm + self.atol).all())
 
+    def solve_dense(self, b: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """As :meth:`solve`, by a dense solve with the materialised ``J``, without host reads.
+
+        For right-hand sides batched by ``torch.func.vmap`` (``jacfwd`` pushes
+        a batch of tangents through), where an iterative solver's stopping test
+        cannot be evaluated. One Jacobian serves every tangent.
+        """
+        jac = self.jacobian()
+        m = jac.mT if transpose else jac
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+        return torch.linalg.solve(eye - m, b.unsqueeze(-1)).squeeze(-1)
+
     def solve(self, b: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``(I - J)⁻ᵀ b`` if ``transpose`` else ``(I - J)⁻¹ b``, with the adjoint solver."""
+        # The adjoint solver sees plain tensors only: its result carries no
+        # derivative (the Function's rules supply those), and a bridge to
+        # NumPy cannot read the wrappers of torch.func transforms.
         if transpose:
-            op = LinearOperator(self.vjp, lambda: self.jacobian().mT, batch=b.shape[0], size=b.shape[1])
+            op = LinearOperator(
+                lambda v: _plain(self.vjp(v)), lambda: self.jacobian().mT, batch=b.shape[0], size=b.shape[1]
+            )
         else:
-            op = LinearOperator(self.jvp, self.jacobian, batch=b.shape[0], size=b.shape[1])
-        with torch.no_grad():
-            b = b.detach()
+            op = LinearOperator(lambda v: _plain(self.jvp(v)), self.jacobian, batch=b.shape[0], size=b.shape[1])
+        with torch.no_grad(), no_tangents():  # no tangents of the iterations
+            b = _plain(b.detach())
             monitor = Monitor(
                 self.system.structure,
                 tol=self.tol,
@@ -212,19 +308,44 @@ class _ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
         lin, mode = ctx.lin, ctx.mode
-        building_graph = torch.is_grad_enabled()
-        if mode == _INNER and not building_graph and lin.negligible(grad):
+        if mode == _INNER and not torch.is_grad_enabled() and lin.negligible(grad):
             return None, None, None
-        transpose = mode != _SOLVE_T
-        if building_graph:
-            out = _ImplicitSolve.apply(grad, lin, _SOLVE_T if transpose else _SOLVE)
-        else:
-            out = lin.solve(grad, transpose=transpose)
-        return out, None, None
+        # Through the Function again rather than lin.solve: the solve is then
+        # differentiable when a graph is being built, and batched cotangents
+        # (torch.func.jacrev) reach the vmap rule below.
+        return _ImplicitSolve.apply(grad, lin, _SOLVE if mode == _SOLVE_T else _SOLVE_T), None, None
 
     @staticmethod
     def jvp(ctx: Any, r_dot: torch.Tensor, *_: Any) -> torch.Tensor:  # type: ignore[override]
-        return ctx.lin.solve(r_dot, transpose=ctx.mode == _SOLVE_T)
+        lin, mode = ctx.lin, ctx.mode
+        transpose = mode == _SOLVE_T
+        if vmapped(r_dot) or _tracked_by_outer_transform(r_dot):
+            # jacfwd batches the tangents, so no host reads; reverse mode over
+            # forward mode differentiates this rule itself. Both want plain
+            # torch operations with L held constant: a dense solve.
+            return lin.solve_dense(r_dot, transpose=transpose)
+        if r_dot.requires_grad and torch.is_grad_enabled():
+            # Reverse over forward mode in plain autograd: through the Function
+            # again, whose backward is the transposed solve. (Not under
+            # torch.func: re-entering there would evaluate G at a lowered level.)
+            return _ImplicitSolve.apply(r_dot, lin, _SOLVE_T if transpose else _SOLVE)
+        return lin.solve(r_dot, transpose=transpose)
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple[Any, ...], r: torch.Tensor, lin: Linearisation, mode: str
+    ) -> tuple[torch.Tensor, Any]:
+        # Reached by batched cotangents (torch.func.jacrev, vmap over a
+        # vector-Jacobian product); the solution itself is never batched, as
+        # solve() refuses to run under vmap.
+        dim = in_dims[0]
+        if dim is None:
+            return _ImplicitSolve.apply(r, lin, mode), None
+        if mode in (_INNER, _OUTER):
+            return torch.zeros_like(r), dim
+        # One operator for every slice (and one Jacobian for ``exact``, cached):
+        # a loop of solves, each through the Function so that nested vmaps recurse.
+        return torch.stack([_ImplicitSolve.apply(r_i, lin, mode) for r_i in r.unbind(dim)]), 0
 
 
 def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
@@ -237,13 +358,62 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
         return z_star
     system = lin.system
     z0 = z_star.detach()
-    g_in = checkpoint(system.map, z0, use_reentrant=False, preserve_rng_state=False)
+    hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]
+    g_in = None
+    if hooks_enabled and fwAD._current_level < 0:
+        try:
+            g_in = checkpoint(system.map, z0, use_reentrant=False, preserve_rng_state=False)
+        except RuntimeError as exc:
+            if "saved tensor hooks" not in str(exc):  # G itself calls torch.func.grad or vjp
+                raise
+    if g_in is None:
+        # torch.func.grad / vjp / jacrev disable saved-tensor hooks, on which
+        # checkpointing rests, and a recomputation outside forward mode would
+        # not match what was saved inside it: keep this evaluation's activations.
+        g_in = system.map(z0)
     if not g_in.requires_grad and not _has_tangent(g_in):
         return z0
     z_a = z0 + _ImplicitSolve.apply(g_in - z0, lin, _INNER)
     g1 = system.map(z_a)
-    lin.set_graph(z_a, g1)
+    if g1.requires_grad:  # forward mode alone records no graph; J v then comes from jvp
+        lin.set_graph(z_a, g1)
     return z_a + _ImplicitSolve.apply(g1 - z_a, lin, _OUTER)
+
+
+def _jvp_by_double_vjp(z: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(∂g/∂z) v`` from the graph of ``g``: ``Jᵀ w`` is linear in ``w``, its derivative along ``v`` is ``J v``."""
+    with torch.enable_grad():
+        w = torch.zeros_like(g, requires_grad=True)
+        (jtw,) = torch.autograd.grad(g, z, w, create_graph=True, retain_graph=True)
+        (out,) = torch.autograd.grad(jtw, w, v, retain_graph=True)
+    return out
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` without the wrappers of ``torch.func`` transforms (vmap's batching kept)."""
+    while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def _tracked_by_outer_transform(t: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform below the current one tracks ``t`` (``jacrev`` over ``jvp``, say)."""
+    current = _functorch.maybe_current_level()
+    first = True
+    while _functorch.is_functorch_wrapped_tensor(t):
+        level = _functorch.maybe_get_level(t)
+        if level > 0 and not (first and level == current):
+            return True
+        first = False
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def _strip_dead(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the wrappers of ``torch.func`` levels that have exited (``make_dual`` refuses them)."""
+    while _functorch.is_functorch_wrapped_tensor(t) and _functorch.is_dead_tensor_wrapper(t):  # type: ignore[attr-defined]
+        t = _functorch.unwrap_if_dead(t)
+    return t
 
 
 def _has_tangent(t: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from ._problem import ImplicitProblem
 from ._registry import make_adjoint, make_solver
 from ._solver import Solver
 from ._stats import Solution, SolverStats
+from ._transforms import no_tangents
 
 __all__ = ["fixed_point", "root", "solve"]
 
@@ -80,7 +81,7 @@ def solve(
     Example:
         >>> import torch, implicit
         >>> W = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
-        >>> problem = implicit.ImplicitProblem.fixed_point(lambda z: {"x": 0.5 * torch.tanh(z["y"]) + 1, "y": W @ z["y"] + z["x"]})
+        >>> problem = implicit.ImplicitProblem.fixed_point(lambda z: {"x": 0.5 * torch.tanh(z["y"].sum()) + 1, "y": W @ z["y"] + z["x"]})
         >>> sol = implicit.solve(problem, {"x": torch.zeros((), dtype=torch.float64), "y": torch.zeros(2, dtype=torch.float64)}, solver="fixed_point", tol=1e-10, max_iter=500)
         >>> sol.converged
         True
@@ -94,7 +95,9 @@ def solve(
 
     system = problem.bind(z0)
     structure = system.structure
-    with torch.no_grad():
+    # Forward-mode tangents are off too: they would differentiate the unrolled
+    # iterations, which attach() discards.
+    with torch.no_grad(), no_tangents():
         start = structure.flatten(z0).detach()
         if structure.kind == "tensor":  # a view of z0: never hand the caller's memory back
             start = start.clone()
@@ -134,8 +137,8 @@ def fixed_point(f: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kw
 
     Example:
         >>> import torch, implicit
-        >>> implicit.fixed_point(torch.cos, torch.tensor(1.0, dtype=torch.float64), tol=1e-12).item()
-        0.7390851332151607
+        >>> round(implicit.fixed_point(torch.cos, torch.tensor(1.0, dtype=torch.float64), tol=1e-12).item(), 10)
+        0.7390851332
     """
     return solve(ImplicitProblem.fixed_point(f, batched=batched), z0, **kwargs).z
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ._transforms import VMAP_UNSUPPORTED, vmapped
+
 __all__ = ["Structure"]
 
 
@@ -58,6 +60,9 @@ class Structure:
                 raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
             if not t.is_floating_point():
                 raise ValueError(f"{name} has dtype {t.dtype}; expected a floating-point dtype")
+        for name, t in zip(self.names, tensors):
+            if vmapped(t):
+                raise NotImplementedError(VMAP_UNSUPPORTED.format(where=f"z0 ({name})"))
         first = tensors[0]
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
@@ -156,6 +161,10 @@ class Structure:
                 raise ValueError(f"{what} returned {name} with dtype {t.dtype}; expected {self.dtype} as in z0")
             if t.device != self.device:
                 raise ValueError(f"{what} returned {name} on {t.device}; expected {self.device} as in z0")
+            if vmapped(t):
+                raise NotImplementedError(
+                    VMAP_UNSUPPORTED.format(where=f"{name} returned by {what} (it reads a vmapped tensor)")
+                )
 
     def nonfinite(self, flat: torch.Tensor) -> list[str]:
         """Names of the variables holding a NaN or infinity in ``flat``."""

@@ -1,0 +1,50 @@
+"""examples/ridge_hypergradient.py runs, and its hypergradients match the closed forms it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import implicit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "ridge_hypergradient.py"), "--quick", *args],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+
+
+def number(pattern: str, out: str) -> float:
+    match = re.search(pattern + r" *(\S+)", out)
+    assert match is not None, f"{pattern!r} not in the output:\n{out}"
+    return float(match.group(1))
+
+
+def check(out: str) -> None:
+    assert number("hypergradient relative error:", out) < 1e-8
+    assert number("second derivative relative error:", out) < 1e-6
+    assert number("largest hypergradient error along the descent, relative to the first:", out) < 1e-7
+    # The tuned lambda sits within one grid step of the grid optimum, and is no worse than it.
+    spacing = number(r"\(log-spacing", out.replace(")", " "))
+    assert number("log-lambda gap to grid search:", out) < spacing
+    assert number("validation loss gap to grid search:", out) < 1e-9
+
+
+def test_ridge_example_default_solver() -> None:
+    out = run()
+    assert re.search(r"solver: (\w+)", out).group(1) in implicit.available_solvers()
+    check(out)
+
+
+@pytest.mark.parametrize("solver", [s for s in ("fixed_point", "anderson") if s in implicit.available_solvers()])
+def test_ridge_example_fallback_solvers_with_iterative_adjoint(solver: str) -> None:
+    out = run("--solver", solver, "--adjoint", "neumann")
+    assert f"solver: {solver}" in out
+    check(out)
