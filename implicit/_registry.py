@@ -95,7 +95,7 @@ def _load_plugins(kind: str) -> None:
     registry: dict[str, Any] = _SOLVERS if kind == "solver" else _ADJOINTS
     base = Solver if kind == "solver" else AdjointSolver
     for ep in entry_points(group=group):
-        if ep.name in registry:
+        if ep.name in registry or (kind == "adjoint" and _builtin_solver(ep.name)):
             continue
         try:
             obj = ep.load()
@@ -112,6 +112,12 @@ def _load_plugins(kind: str) -> None:
         if ep.name not in registry:
             obj.name = ep.name
             registry[ep.name] = obj
+
+
+def _builtin_solver(name: str) -> bool:
+    """Whether ``name`` is a solver of this package (usable as an adjoint without loading plugins)."""
+    cls = _SOLVERS.get(name)
+    return cls is not None and cls.__module__.startswith(__package__ + ".")
 
 
 def available_solvers() -> list[str]:
@@ -155,7 +161,7 @@ def get_adjoint(name: str) -> type[AdjointSolver]:
     Raises:
         RegistryError: for an unknown name, listing the names that exist.
     """
-    if name not in _ADJOINTS:
+    if name not in _ADJOINTS and not _builtin_solver(name):
         _load_plugins("adjoint")
     if name in _ADJOINTS:
         return _ADJOINTS[name]
