@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._functorch.autograd_function import custom_function_call
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils.checkpoint import checkpoint
 
 from ._adjoint import AdjointSolver, LinearOperator
@@ -295,25 +297,45 @@ class _ImplicitSolve(torch.autograd.Function):
     solution) and only the derivatives matter.
     """
 
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls, r: torch.Tensor, lin: Linearisation, mode: str, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Function.apply`` without its per-call ``inspect.signature`` binding (about 50 µs).
+
+        ``Function.apply`` binds the arguments of a Function that defines
+        ``setup_context`` on every call, to fill in defaults; here they are
+        always complete.
+        """
+        args = (r, lin, mode, base)
+        if torch._C._are_functorch_transforms_active():
+            return custom_function_call(cls, *args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # type: ignore[misc]
+
     @staticmethod
-    def forward(r: torch.Tensor, lin: Linearisation, mode: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        r: torch.Tensor, lin: Linearisation, mode: str, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if mode in (_INNER, _OUTER):
-            return torch.zeros_like(r)
+            # ``base + correction``, the correction being zero in value: with a
+            # base, the output shares its memory (no copy of the state is made,
+            # nor saved by the evaluation of G that reads it).
+            return torch.zeros_like(r) if base is None else base.view_as(base)
         return lin.solve(r, transpose=mode == _SOLVE_T)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        _, ctx.lin, ctx.mode = inputs
+        ctx.lin, ctx.mode = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         lin, mode = ctx.lin, ctx.mode
         if mode == _INNER and not torch.is_grad_enabled() and lin.negligible(grad):
-            return None, None, None
+            return None, None, None, None
         # Through the Function again rather than lin.solve: the solve is then
         # differentiable when a graph is being built, and batched cotangents
-        # (torch.func.jacrev) reach the vmap rule below.
-        return _ImplicitSolve.apply(grad, lin, _SOLVE if mode == _SOLVE_T else _SOLVE_T), None, None
+        # (torch.func.jacrev) reach the vmap rule below. ``base`` is a constant.
+        return _ImplicitSolve.apply(grad, lin, _SOLVE if mode == _SOLVE_T else _SOLVE_T), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, r_dot: torch.Tensor, *_: Any) -> torch.Tensor:  # type: ignore[override]
@@ -333,16 +355,16 @@ class _ImplicitSolve(torch.autograd.Function):
 
     @staticmethod
     def vmap(  # type: ignore[override]
-        info: Any, in_dims: tuple[Any, ...], r: torch.Tensor, lin: Linearisation, mode: str
+        info: Any, in_dims: tuple[Any, ...], r: torch.Tensor, lin: Linearisation, mode: str, base: Any = None
     ) -> tuple[torch.Tensor, Any]:
         # Reached by batched cotangents (torch.func.jacrev, vmap over a
         # vector-Jacobian product); the solution itself is never batched, as
         # solve() refuses to run under vmap.
         dim = in_dims[0]
         if dim is None:
-            return _ImplicitSolve.apply(r, lin, mode), None
+            return _ImplicitSolve.apply(r, lin, mode, base), None
         if mode in (_INNER, _OUTER):
-            return torch.zeros_like(r), dim
+            return (torch.zeros_like(r), dim) if base is None else (base.view_as(base), None)
         # One operator for every slice (and one Jacobian for ``exact``, cached):
         # a loop of solves, each through the Function so that nested vmaps recurse.
         return torch.stack([_ImplicitSolve.apply(r_i, lin, mode) for r_i in r.unbind(dim)]), 0
@@ -373,7 +395,7 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
         g_in = system.map(z0)
     if not g_in.requires_grad and not _has_tangent(g_in):
         return z0
-    z_a = z0 + _ImplicitSolve.apply(g_in - z0, lin, _INNER)
+    z_a = _ImplicitSolve.apply(g_in - z0, lin, _INNER, z0)  # z0 in value and memory
     g1 = system.map(z_a)
     if g1.requires_grad:  # forward mode alone records no graph; J v then comes from jvp
         lin.set_graph(z_a, g1)

@@ -79,8 +79,11 @@ class Monitor:
         self.residual = rn
         self._margin = margin
         self._active = None
-        lo, hi = torch.aminmax(margin)
-        worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
+        if margin.numel() == 1:
+            worst = best = float(margin)
+        else:
+            lo, hi = torch.aminmax(margin)
+            worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
         self._frozen = best <= self.atol
         if not math.isfinite(worst) and not bool(torch.isfinite(rn).all() & torch.isfinite(zn).all()):
             bad = self.structure.nonfinite(r) or self.structure.nonfinite(z) or ["(unknown)"]

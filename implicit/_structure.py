@@ -94,6 +94,7 @@ class Structure:
         self.shapes = [_shape(t.shape) for t in tensors]
         self.sizes = [t.numel() // self.batch if self.batch else 0 for t in tensors]
         self.size = sum(self.sizes)
+        self._rows = [(self.batch, n) for n in self.sizes]
 
     def name(self, key: Any) -> str:
         """How a variable is called in messages: ``z['x']``, ``z[0]`` or ``z``."""
@@ -111,13 +112,13 @@ class Structure:
         """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
         if self.kind == "tensor":
             return state.reshape(self.batch, self.size)
-        return torch.cat([t.reshape(self.batch, -1) for t in self.variables(state)], dim=1)
+        return torch.cat([t.reshape(self._rows[i]) for i, t in enumerate(self.variables(state))], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> Any:
         """The inverse of :meth:`flatten`; returns views of ``flat``."""
         if self.kind == "tensor":
             return flat.view(self.shapes[0])
-        parts = [p.view(s) for p, s in zip(flat.split(self.sizes, dim=1), self.shapes)]
+        parts = [p.view(s) for p, s in zip(flat.split_with_sizes(self.sizes, 1), self.shapes)]
         if self.kind == "dict":
             return dict(zip(self.keys, parts))
         if self.kind == "tuple":

@@ -34,6 +34,17 @@ class FixedPointIteration(IterativeSolver):
         if not 0.0 < self.damping <= 1.0:
             raise ValueError(f"damping must lie in (0, 1]; got {self.damping}")
 
+    def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        if self.damping != 1.0:
+            return super().solve(system, z0, monitor)
+        # Undamped, the map's value is the next iterate: no step to compute.
+        z = z0
+        while True:
+            g = system.map(z)
+            if monitor.check(z, g - z):
+                return z
+            z = monitor.freeze(g, z)
+
     def step(self, system: System, z: torch.Tensor, r: torch.Tensor, state: Any, monitor: Monitor) -> torch.Tensor:
         if self.damping == 1.0:
             return z + r
