@@ -64,7 +64,7 @@ from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
 from ._stats import SolverStats
-from ._transforms import no_tangents, vmapped
+from ._transforms import no_tangents, plain, vmapped
 
 __all__ = ["Linearisation", "attach"]
 
@@ -219,7 +219,7 @@ class Linearisation:
             basis = basis[:, None, :].expand(size, batch, size)
             if self.g is None or self.z is None:  # under torch.func, no graph: columns from JVPs
                 cols = torch.stack([self.jvp(basis[k]) for k in range(size)], dim=-1)
-                self._jacobian = _plain(cols.detach())
+                self._jacobian = plain(cols.detach())
                 return self._jacobian
             with torch.enable_grad():
                 try:
@@ -227,7 +227,7 @@ class Linearisation:
                 except RuntimeError:  # an op without a batching rule: one product per row
                     rows = torch.stack([self.vjp(basis[k]) for k in range(size)])
             # Plain: L is a constant to every transform, whichever level asked first.
-            self._jacobian = _plain(rows.transpose(0, 1).detach())
+            self._jacobian = plain(rows.transpose(0, 1).detach())
         return self._jacobian
 
     def negligible(self, c: torch.Tensor) -> bool:
@@ -264,12 +264,12 @@ class Linearisation:
         # NumPy cannot read the wrappers of torch.func transforms.
         if transpose:
             op = LinearOperator(
-                lambda v: _plain(self.vjp(v)), lambda: self.jacobian().mT, batch=b.shape[0], size=b.shape[1]
+                lambda v: plain(self.vjp(v)), lambda: self.jacobian().mT, batch=b.shape[0], size=b.shape[1]
             )
         else:
-            op = LinearOperator(lambda v: _plain(self.jvp(v)), self.jacobian, batch=b.shape[0], size=b.shape[1])
+            op = LinearOperator(lambda v: plain(self.jvp(v)), self.jacobian, batch=b.shape[0], size=b.shape[1])
         with torch.no_grad(), no_tangents():  # no tangents of the iterations
-            b = _plain(b.detach())
+            b = plain(b.detach())
             monitor = Monitor(
                 self.system.structure,
                 tol=self.tol,
@@ -409,13 +409,6 @@ def _jvp_by_double_vjp(z: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> tor
         (jtw,) = torch.autograd.grad(g, z, w, create_graph=True, retain_graph=True)
         (out,) = torch.autograd.grad(jtw, w, v, retain_graph=True)
     return out
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """The values of ``t`` without the wrappers of ``torch.func`` transforms (vmap's batching kept)."""
-    while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
-        t = _functorch.get_unwrapped(t)
-    return t
 
 
 def _tracked_by_outer_transform(t: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-__all__ = ["VMAP_UNSUPPORTED", "no_tangents", "vmapped"]
+__all__ = ["VMAP_UNSUPPORTED", "no_tangents", "plain", "vmapped"]
 
 _functorch = torch._C._functorch
 
@@ -59,3 +59,10 @@ def no_tangents() -> contextlib.AbstractContextManager[object]:
     if forward_ad._current_level >= 0 or jvp:
         return forward_ad._set_fwd_grad_enabled(False)
     return contextlib.nullcontext()
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` without the wrappers of ``torch.func`` transforms (vmap's batching kept)."""
+    while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
 import torch
 from problems import f64, two_variable_map, two_variable_params
 
@@ -61,16 +60,3 @@ def setup(batched: bool) -> tuple[list[torch.Tensor], State]:
         params[-1] = params[-1][0]  # one sample: u of shape (3,)
         return params, {"x": torch.zeros(3, dtype=f64), "y": torch.zeros(5, dtype=f64)}
     return params, {"x": torch.zeros(4, 3, dtype=f64), "y": torch.zeros(4, 5, dtype=f64)}
-
-
-
-def numpy_bridges_marked(names: list[str]) -> list:
-    """``names`` as pytest parameters, the SciPy bridge marked as expected to fail.
-
-    For tests whose solves run inside a ``torch.func`` transform at an active
-    level (``grad`` or ``jvp`` over a forward solve, ``jvp`` over a tangent
-    solve): ``torch.func`` wraps every result there, and the bridge's copies to
-    NumPy cannot read wrapped tensors. It fails loudly, never with a wrong value.
-    """
-    gap = pytest.mark.xfail(raises=RuntimeError, strict=True, reason="the SciPy bridge cannot read torch.func-wrapped tensors")
-    return [pytest.param(n, marks=gap) if n == "scipy" else n for n in names]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EXACT_ADJOINTS, SOLVERS
-from coupled_problems import FORMS, loss, numpy_bridges_marked, setup
+from coupled_problems import FORMS, loss, setup
 from dense_reference import hessian_vector, loss_gradient, newton, relerr, solution_jacobian
 from problems import f64
 from reference import flat
@@ -66,7 +66,7 @@ def test_grad_and_vjp(form: str, adjoint: str) -> None:
     assert relerr(got_vjp, 2 * want) < 1e-9
 
 
-@pytest.mark.parametrize("solver", numpy_bridges_marked(SOLVERS))
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_grad_and_jvp_with_every_solver(solver: str) -> None:
     params, z0 = setup(batched=True)
     theta = theta_of(params)

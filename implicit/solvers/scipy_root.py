@@ -15,6 +15,7 @@ from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
 from .._solver import Solver
+from .._transforms import plain
 
 __all__ = ["ScipyRoot"]
 
@@ -177,7 +178,10 @@ class ScipyRoot(Solver):
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A float64 NumPy copy (SciPy may write into its arrays; ``z`` must not change under it)."""
-    return t.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy().reshape(-1)
+    # Inside a torch.func transform (grad or jvp over a solve) the values carry
+    # the transform's wrappers; the solve needs only the values beneath.
+    with torch._C._DisableFuncTorch():
+        return plain(t.detach()).to(device="cpu", dtype=torch.float64, copy=True).numpy().reshape(-1)
 
 
 def _sample_functions(
@@ -207,6 +211,7 @@ def _sample_functions(
                 cols.append(torch.func.vmap(lambda v: system.residual_jvp(z, v)[1][b])(basis))
             except (RuntimeError, NotImplementedError):  # an op without a batching rule: one product each
                 cols.append(torch.stack([system.residual_jvp(z, v)[1][b] for v in basis]))
-        return torch.cat(cols).T.detach().to(device="cpu", dtype=torch.float64).numpy()
+        with torch._C._DisableFuncTorch():
+            return plain(torch.cat(cols).T.detach()).to(device="cpu", dtype=torch.float64).numpy()
 
     return fun, jac
