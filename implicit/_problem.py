@@ -25,7 +25,7 @@ class ImplicitProblem:
             systems: sample ``i`` of ``F(z)`` depends on sample ``i`` of ``z``
             only. Convergence is then tracked per sample.
 
-    Example:
+    Examples:
         >>> import torch, implicit
         >>> problem = implicit.ImplicitProblem(lambda z: z**3 - 8.0)
         >>> implicit.solve(problem, torch.tensor(1.0), solver="newton_krylov").z

@@ -54,13 +54,34 @@ def _suggest(name: str, names: list[str]) -> str:
 def register_solver(name: str) -> Callable[[type[S]], type[S]]:
     """Class decorator registering a :class:`Solver` subclass under ``name``.
 
-    Example:
+    The registry is global to the process: the name becomes usable in
+    :func:`solve`, :func:`get_solver` and :func:`available_solvers` (and, as
+    the solver applied to the adjoint equation, as an adjoint), and a class
+    registered earlier under the same name is replaced.
+
+    Args:
+        name: The name users pass as ``solver=...``; it is also stored as the
+            class's ``name`` (and reported in :attr:`SolverStats.solver`).
+
+    Returns:
+        A decorator that registers the class and returns it unchanged.
+
+    Raises:
+        TypeError: (from the decorator) when the decorated object is not a
+            subclass of :class:`Solver`.
+
+    Examples:
+        A built-in with another default, under a name unlikely to clash
+        (registration is global):
+
         >>> import implicit
-        >>> @implicit.register_solver("damped_picard")
+        >>> @implicit.register_solver("doc_example_damped_picard")
         ... class DampedPicard(implicit.get_solver("fixed_point")):
-        ...     pass
-        >>> "damped_picard" in implicit.available_solvers()
+        ...     damping: float = 0.5
+        >>> "doc_example_damped_picard" in implicit.available_solvers()
         True
+        >>> implicit.get_solver("doc_example_damped_picard")().damping
+        0.5
     """
 
     def decorate(cls: type[S]) -> type[S]:
@@ -74,7 +95,38 @@ def register_solver(name: str) -> Callable[[type[S]], type[S]]:
 
 
 def register_adjoint(name: str) -> Callable[[type[A]], type[A]]:
-    """Class decorator registering an :class:`AdjointSolver` subclass under ``name``."""
+    """Class decorator registering an :class:`AdjointSolver` subclass under ``name``.
+
+    The registry is global to the process: the name becomes usable as
+    ``adjoint=...`` in :func:`solve` and listed by :func:`available_adjoints`;
+    a class registered earlier under the same name is replaced.
+
+    Args:
+        name: The name users pass as ``adjoint=...``; it is also stored as the
+            class's ``name`` (and reported in :attr:`SolverStats.solver` of
+            ``sol.adjoint_stats``).
+
+    Returns:
+        A decorator that registers the class and returns it unchanged.
+
+    Raises:
+        TypeError: (from the decorator) when the decorated object is not a
+            subclass of :class:`AdjointSolver`.
+
+    Examples:
+        The built-in ``neumann`` with a larger default ``max_iter``, under a
+        name unlikely to clash (registration is global):
+
+        >>> import torch, implicit
+        >>> @implicit.register_adjoint("doc_example_long_neumann")
+        ... class LongNeumann(implicit.get_adjoint("neumann")):
+        ...     max_iter: int = 1000
+        >>> theta = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        >>> sol = implicit.solve(implicit.ImplicitProblem.fixed_point(lambda z: 0.5 * z + theta), torch.zeros((), dtype=torch.float64), solver="fixed_point", adjoint="doc_example_long_neumann", tol=1e-10)
+        >>> sol.z.backward()
+        >>> round(theta.grad.item(), 8), sol.adjoint_stats.solver
+        (2.0, 'doc_example_long_neumann')
+    """
 
     def decorate(cls: type[A]) -> type[A]:
         if not (isinstance(cls, type) and issubclass(cls, AdjointSolver)):
@@ -121,7 +173,20 @@ def _builtin_solver(name: str) -> bool:
 
 
 def available_solvers() -> list[str]:
-    """Sorted names of every registered forward solver, plugins included."""
+    """Sorted names of every registered forward solver, plugins included.
+
+    Lists the built-ins, the classes registered with :func:`register_solver`
+    and those of the entry-point group ``implicit.solvers`` (loaded on the
+    first call; a plugin that fails to load is left out with a warning).
+
+    Returns:
+        The names, each usable as ``solver=...`` and in :func:`get_solver`.
+
+    Examples:
+        >>> import implicit
+        >>> {"anderson", "broyden", "fixed_point", "newton_krylov", "scipy"} <= set(implicit.available_solvers())
+        True
+    """
     _load_plugins("solver")
     return sorted(_SOLVERS)
 
@@ -132,6 +197,16 @@ def available_adjoints() -> list[str]:
     Every forward solver is also usable as an adjoint, under its own name,
     when no adjoint of that name exists (the adjoint equation is a linear
     fixed point); those names are listed too.
+
+    Returns:
+        The names, each usable as ``adjoint=...`` and in :func:`get_adjoint`.
+
+    Examples:
+        >>> import implicit
+        >>> {"exact", "gmres", "jfb", "neumann"} <= set(implicit.available_adjoints())
+        True
+        >>> "anderson" in implicit.available_adjoints()  # a forward solver, run on the adjoint equation
+        True
     """
     _load_plugins("adjoint")
     return sorted(set(_ADJOINTS) | set(available_solvers()))
@@ -140,9 +215,30 @@ def available_adjoints() -> list[str]:
 def get_solver(name: str) -> type[Solver]:
     """The :class:`Solver` subclass registered under ``name``.
 
+    Built-in names never load plugins; any other name loads the entry-point
+    group ``implicit.solvers`` once.
+
+    Args:
+        name: A name listed by :func:`available_solvers`.
+
+    Returns:
+        The class itself (not an instance): call it with keyword options to
+        configure it, or subclass it to change its defaults.
+
     Raises:
         RegistryError: (a ``ValueError`` and a ``LookupError``) for an unknown
-            name, listing the names that exist.
+            name, listing the names that exist and the closest match.
+
+    Examples:
+        >>> import implicit
+        >>> Anderson = implicit.get_solver("anderson")
+        >>> issubclass(Anderson, implicit.Solver), Anderson.name, Anderson(m=3).m
+        (True, 'anderson', 3)
+        >>> try:
+        ...     implicit.get_solver("andersen")
+        ... except LookupError as err:
+        ...     print("did you mean 'anderson'?" in str(err))
+        True
     """
     if name not in _SOLVERS:
         _load_plugins("solver")
@@ -158,8 +254,24 @@ def get_adjoint(name: str) -> type[AdjointSolver]:
     A forward solver's name gives that solver applied to the adjoint
     equation, when no adjoint of that name is registered.
 
+    Args:
+        name: A name listed by :func:`available_adjoints`.
+
+    Returns:
+        The class itself (not an instance): call it with keyword options
+        (``tol``, ``max_iter``, ...) to configure it.
+
     Raises:
-        RegistryError: for an unknown name, listing the names that exist.
+        RegistryError: (a ``ValueError`` and a ``LookupError``) for an unknown
+            name, listing the names that exist and the closest match.
+
+    Examples:
+        >>> import implicit
+        >>> GMRES = implicit.get_adjoint("gmres")
+        >>> issubclass(GMRES, implicit.AdjointSolver), GMRES.approximate, GMRES(tol=1e-8).tol
+        (True, False, 1e-08)
+        >>> implicit.get_adjoint("jfb").approximate  # Jacobian-free backprop does not solve the adjoint equation
+        True
     """
     if name not in _ADJOINTS and not _builtin_solver(name):
         _load_plugins("adjoint")

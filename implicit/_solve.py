@@ -78,13 +78,18 @@ def solve(
         ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
         SolverError: when a non-finite value appears and ``on_failure="raise"``.
 
-    Example:
+    Examples:
         >>> import torch, implicit
         >>> W = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
         >>> problem = implicit.ImplicitProblem.fixed_point(lambda z: {"x": 0.5 * torch.tanh(z["y"].sum()) + 1, "y": W @ z["y"] + z["x"]})
         >>> sol = implicit.solve(problem, {"x": torch.zeros((), dtype=torch.float64), "y": torch.zeros(2, dtype=torch.float64)}, solver="fixed_point", tol=1e-10, max_iter=500)
         >>> sol.converged
         True
+
+    Reference:
+        Krantz & Parks, "The Implicit Function Theorem", Birkhäuser 2002;
+        Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019 (the
+        adjoint solve in the backward pass).
     """
     if not isinstance(problem, ImplicitProblem):
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
@@ -133,9 +138,15 @@ def fixed_point(f: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kw
         **kwargs: The keyword arguments of :func:`solve`.
 
     Returns:
-        The solution ``sol.z`` of :func:`solve` (dict, tuple/list or tensor).
+        The solution ``sol.z`` of :func:`solve` (dict, tuple/list or tensor),
+        differentiable with respect to every tensor ``f`` reads.
 
-    Example:
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
         >>> import torch, implicit
         >>> round(implicit.fixed_point(torch.cos, torch.tensor(1.0, dtype=torch.float64), tol=1e-12).item(), 10)
         0.7390851332
@@ -153,6 +164,24 @@ def root(F: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: A
         **kwargs: The keyword arguments of :func:`solve`.
 
     Returns:
-        The solution ``sol.z`` of :func:`solve`.
+        The solution ``sol.z`` of :func:`solve` (dict, tuple/list or tensor),
+        differentiable with respect to every tensor ``F`` reads.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
+        The root of ``F(z) = z² - a`` and its derivative ``dz*/da = 1 / (2 z*)``:
+
+        >>> import torch, implicit
+        >>> a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        >>> z = implicit.root(lambda z: z**2 - a, torch.tensor(1.0, dtype=torch.float64), solver="broyden", tol=1e-12)
+        >>> round(z.item(), 8)
+        1.41421356
+        >>> z.backward()
+        >>> round(a.grad.item(), 8)
+        0.35355339
     """
     return solve(ImplicitProblem(F, batched=batched), z0, **kwargs).z

@@ -24,7 +24,25 @@ class Solver:
     ``torch.no_grad()`` and see the problem through a :class:`System`, whose
     ``map(z)`` and ``residual(z)`` act on ``(B, N)`` tensors (row ``b`` is
     sample ``b``; an unbatched problem has ``B = 1``). Register a subclass with
-    :func:`implicit.register_solver` to make it available by name.
+    :func:`implicit.register_solver` to make it available by name, or pass
+    the class or an instance as ``solver=...``.
+
+    Examples:
+        Picard iteration ``z ← G(z)`` written from scratch and passed as a
+        class, without registering it:
+
+        >>> import torch, implicit
+        >>> class Picard(implicit.Solver):
+        ...     def solve(self, system, z0, monitor):
+        ...         z = z0
+        ...         while True:
+        ...             g = system.map(z)
+        ...             if monitor.check(z, g - z):  # ‖G(z) - z‖ = ‖F(z)‖
+        ...                 return z
+        ...             z = monitor.freeze(g, z)  # converged samples keep their value
+        >>> z = implicit.fixed_point(torch.cos, torch.tensor(1.0, dtype=torch.float64), solver=Picard, tol=1e-12)
+        >>> round(z.item(), 10)
+        0.7390851332
     """
 
     name: ClassVar[str] = ""
@@ -56,7 +74,11 @@ class Solver:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        """The options of this solver as a dict (its constructor's keyword arguments)."""
+        """The options of this solver as a dict (its constructor's keyword arguments).
+
+        Returns:
+            ``{option name: value}`` for every dataclass field, in declaration order.
+        """
         from dataclasses import fields
 
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -70,16 +92,61 @@ class IterativeSolver(Solver):
     direction handed to :meth:`step` is ``G(z) - z``) or the residual (the
     direction is ``F(z)``), checks convergence, and asks :meth:`step` for the
     next iterate. Samples that have converged are frozen.
+
+    This follows the shape of the nonlinear solvers of ``scipy.optimize``
+    (``_nonlin.py``): one loop, and a model that proposes each step.
+
+    Examples:
+        Damped Picard iteration with a validated option, passed as a class
+        with ``solver_options`` (no registration needed):
+
+        >>> import torch, implicit
+        >>> class Damped(implicit.IterativeSolver):
+        ...     damping: float = 0.5
+        ...     def __post_init__(self):
+        ...         if not 0 < self.damping <= 1:
+        ...             raise ValueError(f"damping must lie in (0, 1]; got {self.damping}")
+        ...     def step(self, system, z, r, state, monitor):
+        ...         return z + self.damping * r  # r = G(z) - z, since uses_map is True
+        >>> problem = implicit.ImplicitProblem.fixed_point(torch.cos)
+        >>> sol = implicit.solve(problem, torch.tensor(1.0, dtype=torch.float64), solver=Damped, solver_options={"damping": 0.8}, tol=1e-12)
+        >>> round(sol.z.item(), 10), sol.converged
+        (0.7390851332, True)
+        >>> Damped(damping=2.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: damping must lie in (0, 1]; got 2.0
     """
 
     uses_map: ClassVar[bool] = True
 
     def init(self, system: System, z0: torch.Tensor) -> Any:
-        """The solver's state before the first step (memory buffers, say)."""
+        """The solver's state before the first step (memory buffers, say).
+
+        Args:
+            system: The problem as functions of ``(B, N)`` tensors.
+            z0: The initial iterate, ``(B, N)``.
+
+        Returns:
+            Any object; it is passed to every :meth:`step`. ``None`` by default.
+        """
         return None
 
     def step(self, system: System, z: torch.Tensor, r: torch.Tensor, state: Any, monitor: Monitor) -> torch.Tensor:
-        """The next iterate from ``z`` and its direction ``r``; may update ``state`` in place."""
+        """The next iterate from ``z`` and its direction ``r``; may update ``state`` in place.
+
+        Args:
+            system: The problem as functions of ``(B, N)`` tensors (for extra
+                evaluations, a line search say).
+            z: The current iterate, ``(B, N)``.
+            r: ``G(z) - z`` when ``uses_map`` is ``True``, else ``F(z)``; ``(B, N)``.
+            state: What :meth:`init` returned.
+            monitor: The solve's monitor (``monitor.active`` masks the
+                samples still iterating).
+
+        Returns:
+            The next iterate, ``(B, N)``; the loop keeps converged samples frozen.
+        """
         raise NotImplementedError
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:

@@ -90,7 +90,7 @@ class DEQ(nn.Module):
         ValueError: an invalid setting, or an unknown solver, adjoint or
             option (the message lists what exists).
 
-    Example:
+    Examples:
         >>> import torch, implicit
         >>> class Cell(torch.nn.Module):
         ...     def __init__(self):
