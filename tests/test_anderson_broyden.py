@@ -249,6 +249,126 @@ def test_broyden_skips_an_update_with_zero_denominator() -> None:
     torch.testing.assert_close(z2, z1 + r, rtol=0, atol=0)
 
 
+def _iterates(solver: implicit.Solver, f, z0: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """``z_0 … z_steps`` of ``solver`` on the map ``f``, driving its ``init`` and ``step`` directly."""
+    system = _system_of(f, z0)
+    state = solver.init(system, z0)
+    zs = [z0]
+    with torch.no_grad():
+        for _ in range(steps):
+            z = zs[-1]
+            zs.append(solver.step(system, z, f(z) - z, state, None))  # type: ignore[arg-type]
+    return zs
+
+
+def _system_of(f, z0: torch.Tensor) -> implicit._problem.System:
+    return implicit.ImplicitProblem.fixed_point(f, batched=True).bind(z0)
+
+
+def _nonlinear_map(batch: int, size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    A = _symmetric_n(size, 0.9, g)
+    b = torch.randn(batch, size, dtype=f64, generator=g)
+    return lambda z: torch.tanh(z @ A.T + b) + 0.1 * z
+
+
+def _symmetric_n(size: int, rho: float, g: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(size, size, dtype=f64, generator=g))
+    return (q * (rho * torch.linspace(-1, 1, size, dtype=f64))) @ q.T
+
+
+def _anderson_reference(f, z0: torch.Tensor, steps: int, m: int, beta: float, lam: float) -> list[torch.Tensor]:
+    """Anderson's iterates sample by sample: the constrained least-squares weights by a dense solve."""
+    zs = [z0]
+    rs: list[torch.Tensor] = []
+    gs: list[torch.Tensor] = []
+    for _ in range(steps):
+        z = zs[-1]
+        r = f(z) - z
+        rs, gs = (rs + [r])[-(m + 1) :], (gs + [z + beta * r])[-(m + 1) :]
+        R, G = torch.stack(rs, dim=1), torch.stack(gs, dim=1)  # (B, n, N)
+        H = R @ R.mT
+        H = H + lam * torch.diag_embed(torch.diagonal(H, dim1=1, dim2=2))
+        x = torch.linalg.solve(H, torch.ones(*H.shape[:2], 1, dtype=H.dtype))
+        alpha = x / x.sum(dim=1, keepdim=True)
+        zs.append((alpha.mT @ G).squeeze(1))
+    return zs
+
+
+def _broyden_reference(f, z0: torch.Tensor, steps: int, memory: int) -> list[torch.Tensor]:
+    """Good Broyden with a dense inverse Jacobian per sample, reset to ``-I`` once ``memory`` updates were made."""
+    batch, size = z0.shape
+    minus_eye = -torch.eye(size, dtype=z0.dtype).expand(batch, size, size)
+    H, updates = minus_eye.clone(), 0
+    zs = [z0]
+    r_prev = None
+    for _ in range(steps):
+        z = zs[-1]
+        r = f(z) - z
+        if r_prev is not None:
+            if updates == memory:
+                H, updates = minus_eye.clone(), 0
+            s, y = (z - zs[-2]).unsqueeze(2), (r - r_prev).unsqueeze(2)
+            sH = s.mT @ H
+            H = H + (s - H @ y) @ sH / (sH @ y)
+            updates += 1
+        r_prev = r
+        zs.append(z - (H @ r.unsqueeze(2)).squeeze(2))
+    return zs
+
+
+@pytest.mark.parametrize("options", [{}, {"m": 2, "beta": 0.6, "lam": 1e-3}, {"m": 1}])
+def test_anderson_iterates_match_a_dense_reference(options: dict) -> None:
+    # More steps than slots, so the ring buffer wraps around several times.
+    f, z0 = _nonlinear_map(3, 7, seed=4), torch.zeros(3, 7, dtype=f64)
+    solver = implicit.get_solver("anderson")(**options)
+    got = _iterates(solver, f, z0, 14)
+    want = _anderson_reference(f, z0, 14, solver.m, solver.beta, solver.lam)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=lambda m, k=k: f"iterate {k}: {m}")
+
+
+@pytest.mark.parametrize("memory", [20, 3, 1])
+def test_broyden_iterates_match_a_dense_reference(memory: int) -> None:
+    # memory 3 and 1: the model restarts several times within the 12 steps
+    f, z0 = _nonlinear_map(3, 7, seed=5), torch.zeros(3, 7, dtype=f64)
+    got = _iterates(implicit.get_solver("broyden")(memory=memory), f, z0, 12)
+    want = _broyden_reference(f, z0, 12, memory)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, k=k: f"iterate {k}: {m}")
+
+
+def test_anderson_falls_back_per_sample() -> None:
+    # Sample 0's residual vanishes (a singular Gram matrix with lam = 0): it
+    # takes the plain step, while sample 1 mixes as usual.
+    z0 = torch.zeros(2, 4, dtype=f64)
+    r0 = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]], dtype=f64)
+    r1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.2, 0.1, -0.3, 0.4]], dtype=f64)
+    solver = implicit.get_solver("anderson")(lam=0.0)
+    system = _system(z0)
+    state = solver.init(system, z0)
+    z1 = solver.step(system, z0, r0, state, None)  # type: ignore[arg-type]
+    z2 = solver.step(system, z1, r1, state, None)  # type: ignore[arg-type]
+    torch.testing.assert_close(z2[0], z1[0], rtol=0, atol=0)
+    R, G = torch.stack([r0[1], r1[1]]), torch.stack([z0[1] + r0[1], z1[1] + r1[1]])
+    x = torch.linalg.solve(R @ R.T, torch.ones(2, dtype=f64))
+    torch.testing.assert_close(z2[1], (x / x.sum()) @ G, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("solver", "bound"), [("anderson", lambda s: 2 * s.m + 1), ("broyden", lambda s: s.memory)])
+def test_views_are_made_once(solver: str, bound) -> None:
+    # A step looks its views up; after the first few steps it makes none.
+    s = implicit.get_solver(solver)(**({"memory": 3} if solver == "broyden" else {"m": 2}))
+    f, z0 = _nonlinear_map(2, 5, seed=6), torch.zeros(2, 5, dtype=f64)
+    system = _system_of(f, z0)
+    state = s.init(system, z0)
+    z = z0
+    with torch.no_grad():
+        for _ in range(20):
+            z = s.step(system, z, f(z) - z, state, None)  # type: ignore[arg-type]
+    assert len(state.views) <= bound(s)
+
+
 @given(
     batch=st.integers(1, 5),
     size=st.integers(1, 12),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +17,47 @@ from ._views import Views
 __all__ = ["Anderson"]
 
 
+class _StepViews(NamedTuple):
+    """The views of the buffers that a step writing slot ``j`` with ``n`` slots in use reads and writes."""
+
+    g_slot: torch.Tensor  # (B, N): slot j of the damped map values
+    r_slot: torch.Tensor  # (B, N): slot j of the residuals
+    r_row: torch.Tensor  # (B, 1, N): the same, as a row
+    r_t: torch.Tensor  # (B, N, n): the residuals in use, as columns
+    row: torch.Tensor  # (B, 1, n): r_j · r_i, written by bmm
+    row_t: torch.Tensor  # (B, n, 1): the same, as a column
+    gram_row: torch.Tensor  # (B, 1, n): row j of the Gram matrix in use
+    gram_col: torch.Tensor  # (B, n, 1): column j
+    reg_row: torch.Tensor  # (1, 1, n): 1, and 1 + λ on the diagonal entry
+    reg_col: torch.Tensor  # (1, n, 1)
+    gram: torch.Tensor  # (B, n, n): the Gram matrix in use
+    ones: torch.Tensor  # (B, 1, n)
+    newest: torch.Tensor  # (1, 1, n): the fallback weights, all on slot j (the plain damped step)
+    g_used: torch.Tensor  # (B, n, N): the damped map values in use
+
+    def narrow(self, n: int) -> _StepViews:
+        """These views for ``n`` slots in use, from those for all of them (``n`` less only while filling up)."""
+        if n == self.r_t.shape[2]:
+            return self
+        row = self.row.new_empty(self.row.shape[0], 1, n)
+        return _StepViews(
+            g_slot=self.g_slot,
+            r_slot=self.r_slot,
+            r_row=self.r_row,
+            r_t=self.r_t.narrow(2, 0, n),
+            row=row,
+            row_t=row.mT,
+            gram_row=self.gram_row.narrow(2, 0, n),
+            gram_col=self.gram_col.narrow(1, 0, n),
+            reg_row=self.reg_row.narrow(2, 0, n),
+            reg_col=self.reg_col.narrow(1, 0, n),
+            gram=self.gram.narrow(1, 0, n).narrow(2, 0, n),
+            ones=self.ones.narrow(2, 0, n),
+            newest=self.newest.narrow(2, 0, n),
+            g_used=self.g_used.narrow(1, 0, n),
+        )
+
+
 class _AndersonState:
     """The last ``slots`` residuals and damped map values, allocated once per solve.
 
@@ -23,8 +65,14 @@ class _AndersonState:
     of ``g`` the damped map value ``z_i + β r_i`` of the same iterate; ``gram``
     holds the regularised ``r_i · r_j``. The order of the slots does not matter
     to the mixing problem, so the oldest slot is simply overwritten. The views
-    a step needs are indexed by the slot written ``j`` and the number of slots
-    in use ``n``.
+    a step needs are looked up by the slot written ``j`` and the number of
+    slots in use ``n``: those with every slot in use are made up front, the
+    others while the history fills up.
+
+    The slots are the leading dimension, ``(slots, B, N)``, so that each is one
+    contiguous block: on CPU, once the map has evicted the history from the
+    cache, writing a slot and reading the history are about twice as fast
+    as with the samples leading, ``(B, slots, N)``.
     """
 
     def __init__(self, z0: torch.Tensor, slots: int, lam: float) -> None:
@@ -32,25 +80,30 @@ class _AndersonState:
         self.slots = slots
         self.k = 0
         # uninitialised: a slot is always written before it is read
-        r = z0.new_empty(batch, slots, size)
-        g = z0.new_empty(batch, slots, size)
+        r = z0.new_empty(slots, batch, size)
+        g = z0.new_empty(slots, batch, size)
         gram = z0.new_empty(batch, slots, slots)
+        row = z0.new_empty(batch, 1, slots)
         ones = z0.new_ones(1, 1, slots).expand(batch, 1, slots)
         eye = torch.eye(slots, dtype=z0.dtype, device=z0.device)
         reg = 1.0 + lam * eye
-        self.r_slot = Views[int](lambda j: r[:, j])
-        self.g_slot = Views[int](lambda j: g[:, j])
-        self.r_t = Views[int](lambda n: r[:, :n].mT)
-        self.g_used = Views[int](lambda n: g[:, :n])
-        self.gram = Views[int](lambda n: gram[:, :n, :n])
-        self.ones = Views[int](lambda n: ones[:, :, :n])
-        # keyed by (j, n): row and column j of the Gram matrix in use, the
-        # factor (1 + λ) on its diagonal entry, and the fallback weights (all
-        # on slot j: the plain damped step)
-        self.gram_row = Views[tuple[int, int]](lambda jn: gram[:, jn[0] : jn[0] + 1, : jn[1]])
-        self.gram_col = Views[tuple[int, int]](lambda jn: gram[:, : jn[1], jn[0] : jn[0] + 1])
-        self.reg = Views[tuple[int, int]](lambda jn: reg[jn[0], : jn[1]].view(1, 1, -1))
-        self.newest = Views[tuple[int, int]](lambda jn: eye[jn[0], : jn[1]].view(1, 1, -1))
+        r_t, row_t, g_used = r.permute(1, 2, 0), row.mT, g.transpose(0, 1)
+        # The views of every slot at once: one dispatch per unbind rather than one per slot.
+        per_slot = zip(
+            g.unbind(0),
+            r.unbind(0),
+            r.unsqueeze(2).unbind(0),
+            gram.unsqueeze(2).unbind(1),
+            gram.unsqueeze(3).unbind(2),
+            reg.view(slots, 1, 1, slots).unbind(0),
+            reg.view(slots, 1, slots, 1).unbind(0),
+            eye.view(slots, 1, 1, slots).unbind(0),
+        )
+        full = [
+            _StepViews(g_j, r_j, r_row, r_t, row, row_t, gram_row, gram_col, reg_row, reg_col, gram, ones, e_j, g_used)
+            for g_j, r_j, r_row, gram_row, gram_col, reg_row, reg_col, e_j in per_slot
+        ]
+        self.views = Views[tuple[int, int], _StepViews](lambda jn: full[jn[0]].narrow(jn[1]))
 
 
 @register_solver("anderson")
@@ -122,30 +175,27 @@ class Anderson(IterativeSolver):
         k = state.k
         state.k = k + 1
         slots = state.slots
-        j = k % slots
         n = min(k + 1, slots)
-        g = torch.add(z, r, alpha=self.beta, out=state.g_slot[j])
-        state.r_slot[j].copy_(r)
+        v = state.views[k % slots, n]
+        g = torch.add(z, r, alpha=self.beta, out=v.g_slot)
+        v.r_slot.copy_(r)
         # Row j of the Gram matrix, (B, 1, N) @ (B, N, n): on CPU this
         # orientation is far faster than (B, n, N) @ (B, N, 1).
-        row = torch.bmm(r.unsqueeze(1), state.r_t[n])
-        jn = (j, n)
-        row.mul_(state.reg[jn])
+        torch.bmm(v.r_row, v.r_t, out=v.row)
+        torch.mul(v.row, v.reg_row, out=v.gram_row)
         if n == 1:  # a single iterate: its weight is 1
-            state.gram[1].copy_(row)
             return g.clone()
-        state.gram_row[jn].copy_(row)
-        state.gram_col[jn].copy_(row.mT)
+        torch.mul(v.row_t, v.reg_col, out=v.gram_col)
         # The weights are α = x / Σx with x H = 1ᵀ. H is symmetric positive
         # definite unless a residual vanishes (or λ = 0 and residuals repeat),
         # so it is solved by Cholesky, H = UᵀU: w U = 1ᵀ, then x Uᵀ = w. (The
         # LU solvers of torch.linalg read values back to the host, a
         # synchronisation per step on a GPU; these do not.) A sample whose
         # factorisation fails or whose Σx is not finite takes the plain step.
-        u, info = torch.linalg.cholesky_ex(state.gram[n], upper=True)
-        w = torch.linalg.solve_triangular(u, state.ones[n], upper=True, left=False)
+        u, info = torch.linalg.cholesky_ex(v.gram, upper=True)
+        w = torch.linalg.solve_triangular(u, v.ones, upper=True, left=False)
         x = torch.linalg.solve_triangular(u.mT, w, upper=False, left=False)
         total = x.sum(dim=2, keepdim=True)
-        ok = (info == 0).view(-1, 1, 1) & (total < math.inf)
-        alpha = torch.where(ok, x / total, state.newest[jn])
-        return torch.bmm(alpha, state.g_used[n]).squeeze(1)
+        ok = info.logical_not().view(-1, 1, 1) & (total < math.inf)
+        alpha = torch.where(ok, x.div_(total), v.newest)
+        return torch.bmm(alpha, v.g_used).squeeze(1)
