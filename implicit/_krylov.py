@@ -25,10 +25,13 @@ __all__ = ["GMRESResult", "Tolerance", "gmres"]
 class Checker(Protocol):
     """What :func:`gmres` needs of a convergence monitor (:class:`~implicit._monitor.Monitor` is one).
 
-    ``check(x, r)`` records iterate ``x`` with residual ``r`` and says whether
-    to stop; afterwards ``active`` is the ``(B,)`` mask of rows still short
-    of their tolerance and ``nonfinite`` is non-empty if a NaN or infinity
-    was seen. ``freeze(new, old)`` keeps the inactive rows of ``old``.
+    ``check(x, r)`` records an iterate ``x`` with residual ``r`` and says
+    whether to stop; afterwards ``active`` is the ``(B,)`` mask of rows
+    still short of their tolerance and ``nonfinite`` is non-empty if a NaN
+    or infinity was seen. Within a cycle :func:`gmres` hands it the cycle's
+    first iterate and a vector with the norm of the current residual, so a
+    checker must judge by ``‖r‖`` alone (a ``Monitor`` with its
+    ``reference`` set to ``‖b‖`` does).
     """
 
     @property
@@ -38,8 +41,6 @@ class Checker(Protocol):
     def nonfinite(self) -> list[str]: ...
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool: ...
-
-    def freeze(self, z_new: torch.Tensor, z: torch.Tensor) -> torch.Tensor: ...
 
 
 class Tolerance:
@@ -78,11 +79,6 @@ class Tolerance:
         self.iterations += 1
         return False
 
-    def freeze(self, z_new: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if self.active is None or z.shape[0] == 1:
-            return z_new
-        return torch.where(self.active[:, None], z_new, z)
-
 
 class GMRESResult(NamedTuple):
     """The outcome of :func:`gmres`.
@@ -118,23 +114,32 @@ def gmres(
     Gram–Schmidt applied twice, which keeps them orthogonal to working
     precision), reduces the Hessenberg matrix to triangular form with Givens
     rotations, and takes the iterate that minimises ``‖b - A x‖`` over the
-    Krylov space. After every Arnoldi step the iterate and its residual
-    ``V_{j+1} (β e₁ - H_j y_j)`` (equal to ``b - A x_j`` up to rounding,
-    whatever the loss of orthogonality) are handed to the monitor: one host
+    Krylov space. After every Arnoldi step the monitor sees the residual
+    norm ``β |Q_{j+1, 0}|`` of the rotated least-squares problem (equal to
+    ``‖b - A x_j‖`` up to rounding while the basis is orthonormal): one host
     synchronisation per step, so that the solve stops as soon as every row
-    is done. The residual at the end of a cycle, and at any stop before it,
-    is recomputed as ``b - A x`` (unless ``confirm`` is off), so convergence
-    is confirmed by a true residual; a row it does not confirm carries on in
-    a new cycle.
+    is done. The iterate itself is formed only when the cycle ends or the
+    solve stops, and its residual is then recomputed as ``b - A x``
+    (unless ``confirm`` is off), so convergence is confirmed by a true
+    residual; a row it does not confirm carries on in a new cycle.
 
     Rows that have converged are frozen: their Arnoldi process stops
     (their new basis vectors are zero and their rotation is a plain swap,
     so their least-squares solution and residual stay as they were).
 
-    This differs from Saad & Schultz (1986) in that: 1. the monitor sees
-    the residual vector, not only its norm, after every step; 2. the
-    basis is orthogonalised by CGS2 instead of modified Gram–Schmidt, so a
-    step is four batched matrix products instead of ``2j`` vector operations.
+    All rows advance together: a step is one product with ``A``, four
+    batched matrix products with the ``(B, j+1, N)`` basis, one with the
+    ``(B, j+2, j+2)`` rotations, and a few dozen operations on ``(B, j+2)``
+    tensors, with no per-row Python work; the memory is allocated once per
+    solve and written in place, so the result carries no derivative (call
+    it on plain tensors under ``torch.no_grad()``, as solvers and adjoints do).
+
+    This differs from Saad & Schultz (1986) in that: 1. the basis is
+    orthogonalised by CGS2 instead of modified Gram–Schmidt, so a step is
+    four batched matrix products instead of ``2j`` vector operations; 2. the
+    rotations are accumulated into a matrix ``Q``, so applying them to a new
+    column is one product instead of ``j`` rotations; 3. the residual at the
+    end of a cycle is recomputed, not taken from the recurrence.
 
     Args:
         matvec: Applies ``A`` to a ``(B, N)`` tensor, row by row.
@@ -149,8 +154,8 @@ def gmres(
         max_iter: The most Arnoldi steps in all; default ``10·N``.
         monitor: Replaces ``tol``, ``atol`` and ``max_iter`` by a monitor
             that decides when to stop (see :class:`Checker`); a
-            :class:`~implicit._monitor.Monitor` of a linear solve has its
-            ``reference`` set to ``‖b‖``.
+            :class:`~implicit._monitor.Monitor` needs its ``reference``
+            set to ``‖b‖``.
         confirm: Recompute ``b - A x`` with one more product when the solve
             stops within a cycle. Off, the Arnoldi residual (exact up to
             rounding) is final: inner solves whose accuracy is a heuristic
@@ -160,8 +165,9 @@ def gmres(
         A :class:`GMRESResult`.
 
     Raises:
-        ValueError: ``b`` is not 2-D, ``x0`` does not match it, or
-            ``restart`` is not a positive int.
+        ValueError: ``b`` is not 2-D, ``x0`` does not match it,
+            ``restart`` is not a positive int, or ``monitor`` measures
+            its tolerance against the iterate's norm (no ``reference``).
     """
     if b.dim() != 2:
         raise ValueError(f"b must be a (B, N) tensor; got shape {tuple(b.shape)}")
@@ -173,12 +179,18 @@ def gmres(
         target = tol * torch.linalg.vector_norm(b, dim=1) + atol
         steps = 10 * b.shape[1] if max_iter is None else max_iter
         monitor = Tolerance(target, steps)
+    elif getattr(monitor, "reference", True) is None:
+        raise ValueError(
+            "monitor has reference=None, so its tolerance scales with the iterate's norm, which gmres does "
+            "not form at every step; pass Monitor(..., reference=torch.linalg.vector_norm(b, dim=1))"
+        )
     if x0 is None:
         x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.clone()
         r = b - matvec(x)
     stop, exact = monitor.check(x, r), True
+    arnoldi: _Arnoldi | None = None
     while True:
         if stop:
             if exact or not confirm or monitor.nonfinite:
@@ -187,91 +199,109 @@ def gmres(
             r, exact = b - matvec(x), True
             if monitor.check(x, r):
                 break
-        x, r, stop, exact = _cycle(matvec, b, x, r, restart, monitor)
+        if arnoldi is None:
+            arnoldi = _Arnoldi(b, restart)
+        x, r, stop, exact = arnoldi.cycle(matvec, b, x, r, monitor)
     assert monitor.active is not None
     rn = torch.linalg.vector_norm(r, dim=1)
     return GMRESResult(x, rn, ~monitor.active, int(getattr(monitor, "iterations", 0)))
 
 
-def _cycle(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    x: torch.Tensor,
-    r: torch.Tensor,
-    m: int,
-    monitor: Checker,
-) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-    """One GMRES cycle of at most ``m`` steps from ``x`` with residual ``r = b - A x``.
+class _Arnoldi:
+    """The memory of restarted GMRES, allocated once per solve and reused by every cycle.
 
-    Returns:
-        The last checked iterate, its residual, whether the monitor said
-        stop, and whether that residual was computed as ``b - A x``.
+    ``V[k]`` is the ``k``-th basis vector of every row (a contiguous ``(B, N)``
+    tensor, handed to ``matvec`` as it is); ``basis = V.transpose(0, 1)`` is
+    the ``(B, m + 1, N)`` view that the Gram–Schmidt products read. ``P`` is
+    the transpose of ``Q``, the product of the Givens rotations so far, and
+    ``R`` the rotated Hessenberg matrix (upper triangular; only its upper
+    triangle is ever read). Every entry is written in a cycle before it is read.
     """
-    batch, size = r.shape
-    tiny = torch.finfo(r.dtype).tiny
-    assert monitor.active is not None
-    active = monitor.active
-    beta = torch.linalg.vector_norm(r, dim=1)
-    # Basis vectors V[:, k] of all rows, laid out for batched matrix products.
-    V = r.new_zeros(batch, m + 1, size)
-    V[:, 0] = torch.where((active & (beta > tiny))[:, None], r / beta.clamp_min(tiny)[:, None], 0.0)
-    # R: the Hessenberg matrix after rotation (upper triangular); Q: the product of the rotations.
-    R = r.new_zeros(batch, m, m)
-    Q = torch.eye(m + 1, dtype=r.dtype, device=r.device).expand(batch, m + 1, m + 1).clone()
-    eye = torch.eye(m, dtype=r.dtype, device=r.device)
-    x_start = x
-    for j in range(m):
-        basis = V[:, : j + 1]
-        w = matvec(V[:, j].contiguous())
-        # Classical Gram–Schmidt twice ("twice is enough", Giraud et al. 2005).
-        h = _dots(basis, w)
-        w = w - _combine(basis, h)
-        h2 = _dots(basis, w)
-        w = w - _combine(basis, h2)
-        h = h + h2
-        hn = torch.linalg.vector_norm(w, dim=1)
-        V[:, j + 1] = torch.where((active & (hn > tiny))[:, None], w / hn.clamp_min(tiny)[:, None], 0.0)
-        # Apply the earlier rotations to the new column, then annihilate its subdiagonal entry.
-        col = torch.cat([h, hn[:, None]], dim=1)
-        rot = torch.bmm(Q[:, : j + 2, : j + 2], col[:, :, None])[:, :, 0]
-        top, sub = rot[:, j], rot[:, j + 1]
-        d = torch.hypot(top, sub)
-        good = active & (d > tiny)
-        # A frozen (or broken-down) row gets the swap (c, s) = (0, 1) and a unit pivot, so
-        # its solution coefficient for this column is zero and its residual is unchanged.
-        c = torch.where(good, top / d.clamp_min(tiny), 0.0)[:, None]
-        s = torch.where(good, sub / d.clamp_min(tiny), 1.0)[:, None]
-        qj, qj1 = Q[:, j].clone(), Q[:, j + 1].clone()
-        Q[:, j] = c * qj + s * qj1
-        Q[:, j + 1] = c * qj1 - s * qj
-        new_col = rot[:, : j + 1].clone()
-        new_col[:, j] = d
-        R[:, : j + 1, j] = torch.where(good[:, None], new_col, eye[j, : j + 1])
-        g = beta[:, None] * Q[:, : j + 2, 0]
-        y = torch.linalg.solve_triangular(R[:, : j + 1, : j + 1], g[:, : j + 1, None], upper=True)[:, :, 0]
-        x_new = monitor.freeze(x_start + _combine(basis, y), x)
-        last = j == m - 1
-        if last:
-            r_new = b - matvec(x_new)
-        else:
-            # β e₁ - H y = Qᵀ (g - R y) = g_{j+1} Qᵀ e_{j+1}: the residual in the basis V.
-            r_new = g[:, j + 1, None] * _combine(V[:, : j + 2], Q[:, j + 1, : j + 2])
-            r_new = monitor.freeze(r_new, r)
-        x, r = x_new, r_new
-        if monitor.check(x, r):
-            return x, r, True, last
+
+    def __init__(self, b: torch.Tensor, m: int) -> None:
+        batch, size = b.shape
+        self.m = m
+        self.V = b.new_empty(m + 1, batch, size)
+        self.P = b.new_empty(batch, m + 1, m + 1)
+        self.R = b.new_empty(batch, m, m)
+        self.basis = self.V.transpose(0, 1)
+        self.basis_t = self.V.permute(1, 2, 0)
+        self.q0 = self.P.select(1, 0)  # the first column of Q: β times it is the rotated right-hand side
+        self.eye = torch.eye(m + 1, dtype=b.dtype, device=b.device)
+        # A rotation (c, s) as the transpose of [[c, s], [-s, c]]: (c, s) @ to_matrix, flattened.
+        self.to_matrix = b.new_tensor([[1.0, 0.0, 0.0, 1.0], [0.0, -1.0, 1.0, 0.0]])
+        self.swap = b.new_tensor([0.0, 1.0])
+        self.zero = b.new_zeros(())
+        self.tiny = torch.finfo(b.dtype).tiny
+        self.tiny_t = b.new_tensor(self.tiny)  # compared with as a tensor: half the cost of a float
+
+    def cycle(
+        self,
+        matvec: Callable[[torch.Tensor], torch.Tensor],
+        b: torch.Tensor,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        monitor: Checker,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """One GMRES cycle of at most ``m`` steps from ``x`` with residual ``r = b - A x``.
+
+        Returns:
+            The last checked iterate, its residual, whether the monitor said
+            stop, and whether that residual was computed as ``b - A x``.
+        """
+        V, P, R, tiny, tiny_t = self.V, self.P, self.R, self.tiny, self.tiny_t
+        batch = r.shape[0]
         assert monitor.active is not None
-        active = monitor.active
-        # Rows that have just converged stop growing their basis.
-        V[:, j + 1] = torch.where(active[:, None], V[:, j + 1], 0.0)
-    return x, r, False, True
+        active = monitor.active.unsqueeze(1)
+        beta = torch.linalg.vector_norm(r, dim=1, keepdim=True)
+        torch.where(active & (beta > tiny_t), r / beta.clamp_min(tiny), self.zero, out=V[0])
+        P.copy_(self.eye)
+        x_start, r_start = x, r
+        for j in range(self.m):
+            w = matvec(V[j]).unsqueeze(1)
+            vs, vs_t = self.basis.narrow(1, 0, j + 1), self.basis_t.narrow(2, 0, j + 1)
+            # Classical Gram–Schmidt twice ("twice is enough", Giraud et al. 2005): four
+            # products that each read the basis once.
+            h = torch.bmm(w, vs_t)
+            w = torch.baddbmm(w, h, vs, alpha=-1)
+            h2 = torch.bmm(w, vs_t)
+            w = torch.baddbmm(w, h2, vs, alpha=-1)
+            hn = torch.linalg.vector_norm(w, dim=2)
+            # The new Hessenberg column turned by the earlier rotations: one product with Qᵀ.
+            col = torch.cat([h + h2, hn.unsqueeze(2)], dim=2)
+            rot = torch.bmm(col, P.narrow(1, 0, j + 2).narrow(2, 0, j + 2)).squeeze(1)
+            pair = rot.narrow(1, j, 2)
+            top = pair.narrow(1, 0, 1)
+            d = torch.hypot(top, pair.narrow(1, 1, 1))
+            # A frozen (or broken-down) row gets the swap (c, s) = (0, 1) and a unit pivot, so
+            # its solution coefficient for this column is zero and its residual is unchanged.
+            good = active & (d > tiny_t)
+            cs = torch.where(good, pair / d, self.swap)  # where not good, pair / d is discarded
+            turned = P.narrow(2, j, 2)
+            turned.copy_(torch.bmm(turned, (cs @ self.to_matrix).view(batch, 2, 2)))
+            top.copy_(d)
+            torch.where(good, rot.narrow(1, 0, j + 1), self.eye[j, : j + 1], out=R[:, : j + 1, j])
+            if j == self.m - 1:
+                x = self._solution(x_start, beta, j + 1)
+                r = b - matvec(x)
+                return x, r, monitor.check(x, r), True
+            # ‖b - A x_j‖ = β |Q[j+1, 0]| while V is orthonormal: the monitor sees the first
+            # residual scaled to that norm, with the cycle's first iterate; x_j and its residual
+            # are formed only when the solve stops.
+            r = self.q0.narrow(1, j + 1, 1) * r_start
+            if monitor.check(x_start, r):
+                return self._solution(x_start, beta, j + 1), r, True, False
+            assert monitor.active is not None
+            active = monitor.active.unsqueeze(1)
+            # Rows that have converged (or broken down) stop growing their basis: their new
+            # vector is zero. (A where on the (B, N) vector costs as much as these three passes:
+            # scaling by zero leaves NaN only where w was not finite, and those entries go too.)
+            scale = torch.where(active & (hn > tiny_t), hn.reciprocal(), self.zero)
+            torch.mul(w.squeeze(1), scale, out=V[j + 1]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        raise AssertionError("unreachable: the last step returns")
 
-
-def _dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``⟨basis[b, k], w[b]⟩`` for every row ``b`` and vector ``k``: ``(B, k)``."""
-    return torch.linalg.vecdot(basis, w[:, None, :])
-
-
-def _combine(basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``Σ_k coef[b, k] basis[b, k]`` for every row ``b``: ``(B, N)``."""
-    return torch.bmm(coef[:, None, :], basis)[:, 0]
+    def _solution(self, x_start: torch.Tensor, beta: torch.Tensor, k: int) -> torch.Tensor:
+        """``x_start + V_k y`` with ``R_k y = β Q[:k, 0]``: the minimiser over the first ``k`` vectors."""
+        g = (beta * self.q0.narrow(1, 0, k)).unsqueeze(2)
+        y = torch.linalg.solve_triangular(self.R[:, :k, :k], g, upper=True)
+        return torch.baddbmm(x_start.unsqueeze(1), y.mT, self.basis.narrow(1, 0, k)).squeeze(1)

@@ -141,6 +141,26 @@ def test_gmres_input_validation() -> None:
         gmres(mv, torch.ones(3, dtype=DT))
     with pytest.raises(ValueError, match="x0 has shape"):
         gmres(mv, torch.ones(2, 3, dtype=DT), torch.ones(3, 2, dtype=DT))
+    b = torch.ones(2, 3, dtype=DT)
+    with pytest.raises(ValueError, match="reference=None"):
+        gmres(mv, b, monitor=Monitor(Structure(b, True), tol=1e-6, atol=0.0, max_iter=10))
+
+
+def test_gmres_non_finite_product_is_named() -> None:
+    """A product that turns NaN stops the solve at the next true residual, named by variable."""
+    A, b = _block_system(3, 10, seed=4)
+    z0 = {"x": torch.zeros(3, 4, dtype=DT), "y": torch.zeros(3, 6, dtype=DT)}
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        out = bmv(A, v)
+        out[1, 5] = float("nan")  # sample 1, first entry of z['y']
+        return out
+
+    monitor = Monitor(Structure(z0, True), tol=1e-10, atol=0.0, max_iter=100, reference=b.norm(dim=1))
+    result = gmres(matvec, b, restart=6, monitor=monitor)
+    assert monitor.nonfinite == ["z['y']"]
+    assert monitor.iterations == 6  # the first cycle's last step computes the true residual
+    assert bool(torch.isfinite(result.x).all())
 
 
 # ---------------------------------------------------------------------------
