@@ -582,6 +582,12 @@ def render(
     if overhead is not None:
         lines += ["## Per-iteration overhead on a 2-dimensional problem", ""]
         lines += render_overhead(overhead)
+    # The analysis of the targets missed is written by hand (from profiles) and
+    # kept beside this script, so that a new run carries it along.
+    limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "LIMITS.md")
+    if os.path.exists(limits):
+        with open(limits, encoding="utf-8") as fh:
+            lines += ["", fh.read().rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ class NeumannAdjoint(AdjointSolver):
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         x = b
         while True:
-            r = op(x) + b - x
-            if monitor.check(x, r):
+            y = op(x) + b  # the next partial sum
+            if monitor.check(x, y - x):
                 return x
-            x = monitor.freeze(x + r, x)
+            x = monitor.freeze(y, x)
