@@ -60,3 +60,12 @@ def setup(batched: bool) -> tuple[list[torch.Tensor], State]:
         params[-1] = params[-1][0]  # one sample: u of shape (3,)
         return params, {"x": torch.zeros(3, dtype=f64), "y": torch.zeros(5, dtype=f64)}
     return params, {"x": torch.zeros(4, 3, dtype=f64), "y": torch.zeros(4, 5, dtype=f64)}
+
+
+def split(theta: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``theta`` cut into tensors shaped like ``like`` (the inverse of concatenating them flat)."""
+    out, i = [], 0
+    for p in like:
+        out.append(theta[i : i + p.numel()].reshape(p.shape))
+        i += p.numel()
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import EXACT_ADJOINTS
-from coupled_problems import FORMS, setup
+from coupled_problems import FORMS, setup, split
 from dense_reference import newton, relerr, solution_jacobian
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,14 +31,6 @@ def solve_flat(form: str, batched: bool, adjoint: str, params: list[torch.Tensor
     problem = FORMS[form][1](params, batched)
     sol = implicit.solve(problem, z0, solver="fixed_point", adjoint=adjoint, adjoint_options=ADJOINT_TIGHT, **TIGHT)
     return flat(sol.z, list(z0))
-
-
-def split(theta: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for p in like:
-        out.append(theta[i : i + p.numel()].reshape(p.shape))
-        i += p.numel()
-    return out
 
 
 def reference(form: str, params: list[torch.Tensor], z0: dict) -> torch.Tensor:

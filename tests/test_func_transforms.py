@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EXACT_ADJOINTS, SOLVERS
-from coupled_problems import FORMS, loss, setup
+from coupled_problems import FORMS, loss, setup, split
 from dense_reference import hessian_vector, loss_gradient, newton, relerr, solution_jacobian
 from problems import f64
 from reference import flat
@@ -21,14 +21,6 @@ import implicit
 
 SETTINGS = {"solver": "fixed_point", "tol": 1e-13, "max_iter": 500, "adjoint_options": {"tol": 1e-13, "max_iter": 500}}
 SECOND_ORDER = [a for a in ("exact", "neumann", "gmres") if a in EXACT_ADJOINTS]
-
-
-def split(theta: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for p in like:
-        out.append(theta[i : i + p.numel()].reshape(p.shape))
-        i += p.numel()
-    return out
 
 
 def solution_of(form: str, batched: bool, adjoint: str, params: list[torch.Tensor], z0: dict):
