@@ -119,3 +119,59 @@ def test_second_derivative_of_scalar_closed_form() -> None:
     assert abs(float(z.detach()) - 2.0) < 1e-13
     assert abs(float(d1.detach()) - (1 / 3) * 8.0 ** (-2 / 3)) < 1e-13
     assert abs(float(d2) - (-2 / 9) * 8.0 ** (-5 / 3)) < 1e-12
+
+
+def test_a_hand_written_hook_gets_second_derivatives_wrong() -> None:
+    """The question's backward hook differentiates once only: its Hessian-vector product is wrong.
+
+    Both are compared with central differences of the exact first-order
+    gradient; the hook runs the question's loop (products with ``Jᵀ`` from a
+    graph built without ``create_graph``), so the dependence of the adjoint on
+    the parameters is lost, while implicit's double backward keeps it.
+    """
+    gen = torch.Generator().manual_seed(0)
+    w0 = 0.3 * torch.randn(4, 4, dtype=f64, generator=gen)
+    x = torch.randn(4, dtype=f64, generator=gen)
+    direction = torch.randn(4, 4, dtype=f64, generator=gen)
+
+    def f(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ z + x)
+
+    def with_hook(w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = torch.zeros(4, dtype=f64)
+            for _ in range(300):
+                z = f(z, w)
+        z = f(z, w)
+        z0 = z.detach().requires_grad_()
+        f0 = f(z0, w)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            g = grad
+            for _ in range(300):
+                g = torch.autograd.grad(f0, z0, g, retain_graph=True)[0] + grad
+            return g
+
+        z.register_hook(hook)
+        return z
+
+    def with_implicit(w: torch.Tensor) -> torch.Tensor:
+        return implicit.fixed_point(lambda z: f(z, w), torch.zeros(4, dtype=f64), tol=1e-14, max_iter=500,
+                                    adjoint_options={"tol": 1e-14})
+
+    def gradient(method, w: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.clone().requires_grad_()
+        (g,) = torch.autograd.grad(method(w).pow(3).sum(), w, create_graph=create_graph)
+        return w, g
+
+    def hvp(method) -> torch.Tensor:
+        w, g = gradient(method, w0, True)
+        (h,) = torch.autograd.grad((g * direction).sum(), w)
+        return h
+
+    eps = 1e-5
+    plus = gradient(with_implicit, w0 + eps * direction, False)[1]
+    minus = gradient(with_implicit, w0 - eps * direction, False)[1]
+    reference = (plus - minus) / (2 * eps)
+    assert relerr(hvp(with_implicit), reference) < 1e-6
+    assert relerr(hvp(with_hook), reference) > 0.1
