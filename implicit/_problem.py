@@ -104,5 +104,5 @@ class System:
 
     def residual_jvp(self, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``F(z)`` and the Jacobian-vector product ``(∂F/∂z) v``, by forward-mode AD."""
-        out, tangent = torch.func.jvp(self.residual, (z,), (v,))
+        out, tangent = torch.func.jvp(self.residual, (z,), (v,))[:2]
         return out, tangent

@@ -291,7 +291,7 @@ def _instantiate(cls: type, options: Mapping[str, Any], kind: str) -> Any:
         for key in options:
             if key not in known:
                 raise RegistryError(
-                    f"unknown option {key!r} for {kind} {cls.name!r}{_suggest(key, known)} "
+                    f"unknown option {key!r} for {kind} {getattr(cls, 'name', cls.__name__)!r}{_suggest(key, known)} "
                     f"Options: {', '.join(known) if known else '(none)'}"
                 )
     return cls(**options)
@@ -305,7 +305,7 @@ def _make(spec: Any, options: Mapping[str, Any] | None, kind: str, base: type, g
         if not options:
             return spec
         _instantiate(type(spec), options, kind)  # validate the names
-        return dataclasses.replace(spec, **options)
+        return dataclasses.replace(spec, **options)  # type: ignore[type-var]
     if isinstance(spec, type) and issubclass(spec, base):
         return _instantiate(spec, options, kind)
     raise TypeError(
