@@ -1,6 +1,6 @@
 """One short GPU check: the MLP DEQ problems on CUDA, implicit against torchdeq and the hand loop.
 
-Self-contained (needs only torch and implicit; torchdeq is used when
+Needs torch, implicit and the question's loop from ``benchmarks.methods`` (torchdeq is used when
 importable). Run from the repository root on a machine with a GPU::
 
     python benchmarks/gpu_check.py            # about a minute on an H100
@@ -28,6 +28,7 @@ from torch import autograd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import implicit  # noqa: E402
+from benchmarks.methods import DEQFixedPoint, forward_iteration  # noqa: E402
 
 f64 = torch.float64
 
@@ -100,34 +101,10 @@ class MLP:
 # --- methods ------------------------------------------------------------------------------------
 
 
-def forward_iteration(f: Callable, x0: torch.Tensor, max_iter: int = 50, tol: float = 1e-2) -> tuple[Any, list]:
-    """The question's loop, verbatim."""
-    f0 = f(x0)
-    res = []
-    for _k in range(max_iter):
-        x = f0
-        f0 = f(x)
-        res.append((f0 - x).norm().item() / (1e-5 + f0.norm().item()))
-        if res[-1] < tol:
-            break
-    return f0, res
-
-
 def hand_loop(p: MLP, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
-    """The question's layer: no-grad Picard, one f with graph, a backward hook iterating g = Jᵀg + grad."""
-    with torch.no_grad():
-        z, res = forward_iteration(p.f, p.z0(), max_iter=max_iter, tol=tol)
-    z = p.f(z)
-    z0 = z.clone().detach().requires_grad_()
-    f0 = p.f(z0)
-
-    def backward_hook(grad: torch.Tensor) -> torch.Tensor:
-        return forward_iteration(
-            lambda y: autograd.grad(f0, z0, y, retain_graph=True)[0] + grad, grad, max_iter=max_iter, tol=tol
-        )[0]
-
-    z.register_hook(backward_hook)
-    return z, len(res)
+    """The question's layer (:class:`benchmarks.methods.DEQFixedPoint`) on this problem."""
+    layer = DEQFixedPoint(lambda z, _x: p.f(z), forward_iteration, max_iter=max_iter, tol=tol)
+    return layer(p.z0()), len(layer.forward_res)
 
 
 def implicit_method(solver: str, adjoint: str) -> Callable:
