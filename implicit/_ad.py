@@ -153,8 +153,7 @@ class Linearisation:
                 # builds a graph of its own, at the cost of one evaluation.
                 if "second time" not in str(exc):
                     raise
-                z = self.z_star.detach().requires_grad_()
-                self.z, self.g = z, self.system.map(z)
+                self.record_graph()
                 (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
         return out
 

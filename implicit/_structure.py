@@ -94,7 +94,6 @@ class Structure:
         self.shapes = [_shape(t.shape) for t in tensors]
         self.sizes = [t.numel() // self.batch if self.batch else 0 for t in tensors]
         self.size = sum(self.sizes)
-        self._rows = [(self.batch, n) for n in self.sizes]
 
     def name(self, key: Any) -> str:
         """How a variable is called in messages: ``z['x']``, ``z[0]`` or ``z``."""
@@ -112,7 +111,7 @@ class Structure:
         """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
         if self.kind == "tensor":
             return state.reshape(self.batch, self.size)
-        return torch.cat([t.reshape(self._rows[i]) for i, t in enumerate(self.variables(state))], dim=1)
+        return torch.cat([t.reshape(self.batch, n) for t, n in zip(self.variables(state), self.sizes)], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> Any:
         """The inverse of :meth:`flatten`; returns views of ``flat``."""

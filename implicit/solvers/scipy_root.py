@@ -177,11 +177,17 @@ class ScipyRoot(Solver):
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A float64 NumPy copy (SciPy may write into its arrays; ``z`` must not change under it)."""
+    """A float64 NumPy copy, flat (SciPy may write into its arrays; ``z`` must not change under it)."""
+    return _matrix(t).reshape(-1)
+
+
+def _matrix(t: torch.Tensor) -> np.ndarray:
+    """A float64 NumPy copy of ``t`` in its shape."""
     # Inside a torch.func transform (grad or jvp over a solve) the values carry
-    # the transform's wrappers; the solve needs only the values beneath.
+    # the transform's wrappers, and new tensors would be wrapped again: read
+    # the values beneath with the transforms switched off.
     with torch._C._DisableFuncTorch():
-        return plain(t.detach()).to(device="cpu", dtype=torch.float64, copy=True).numpy().reshape(-1)
+        return plain(t.detach()).to(device="cpu", dtype=torch.float64, copy=True).numpy()
 
 
 def _sample_functions(
@@ -211,7 +217,6 @@ def _sample_functions(
                 cols.append(torch.func.vmap(lambda v: system.residual_jvp(z, v)[1][b])(basis))
             except (RuntimeError, NotImplementedError):  # an op without a batching rule: one product each
                 cols.append(torch.stack([system.residual_jvp(z, v)[1][b] for v in basis]))
-        with torch._C._DisableFuncTorch():
-            return plain(torch.cat(cols).T.detach()).to(device="cpu", dtype=torch.float64).numpy()
+        return _matrix(torch.cat(cols).T)
 
     return fun, jac
