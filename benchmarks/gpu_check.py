@@ -28,7 +28,7 @@ from torch import autograd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import implicit  # noqa: E402
-from benchmarks.methods import DEQFixedPoint, forward_iteration  # noqa: E402
+from benchmarks.methods import DEQFixedPoint, forward_iteration, torchdeq_layer  # noqa: E402
 
 f64 = torch.float64
 
@@ -127,24 +127,14 @@ def implicit_method(solver: str, adjoint: str) -> Callable:
 
 def torchdeq_method(solver: str) -> Callable | None:
     try:
-        from torchdeq import get_deq
+        import torchdeq  # noqa: F401  (present?)
     except ImportError:
         return None
     cache: dict = {}
 
     def run(p: MLP, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
         if (tol, max_iter) not in cache:
-            cache[(tol, max_iter)] = get_deq(
-                f_solver=solver,
-                b_solver=solver,
-                f_max_iter=max_iter,
-                b_max_iter=max_iter,
-                f_tol=tol,
-                b_tol=tol,
-                f_stop_mode="rel",
-                b_stop_mode="rel",
-                ift=True,
-            ).train()
+            cache[(tol, max_iter)] = torchdeq_layer(solver, tol, max_iter)
         z_out, info = cache[(tol, max_iter)](p.f, p.z0())
         return z_out[-1], int(info["nstep"].max())
 

@@ -98,6 +98,23 @@ class Implicit(Method):
 # --- torchdeq 0.1.0 -----------------------------------------------------------------------
 
 
+def torchdeq_layer(solver: str, tol: float, max_iter: int) -> Any:
+    """``torchdeq.get_deq(ift=True)`` with ``solver`` forward and backward, relative stops, in train mode."""
+    from torchdeq import get_deq
+
+    return get_deq(
+        f_solver=solver,
+        b_solver=solver,
+        f_max_iter=max_iter,
+        b_max_iter=max_iter,
+        f_tol=tol,
+        b_tol=tol,
+        f_stop_mode="rel",
+        b_stop_mode="rel",
+        ift=True,
+    ).train()
+
+
 class TorchDEQ(Method):
     """``torchdeq.get_deq(ift=True)`` with the same solver forward and backward.
 
@@ -155,22 +172,7 @@ class TorchDEQ(Method):
     def _deq(self, tol: float, max_iter: int) -> Any:
         key = (tol, max_iter)
         if key not in self._deqs:
-            from torchdeq import get_deq
-
-            name = self._solver_name()
-            deq = get_deq(
-                f_solver=name,
-                b_solver=name,
-                f_max_iter=max_iter,
-                b_max_iter=max_iter,
-                f_tol=tol,
-                b_tol=tol,
-                f_stop_mode="rel",
-                b_stop_mode="rel",
-                ift=True,
-            )
-            deq.train()
-            self._deqs[key] = deq
+            self._deqs[key] = torchdeq_layer(self._solver_name(), tol, max_iter)
         return self._deqs[key]
 
     def prepare(self, problem: Problem, ref: Reference) -> None:
