@@ -19,9 +19,10 @@ adjoint system ``(I - J₀)ᵀ u = g`` over all variables together once, then se
 ``u`` through the single evaluation ``G(z_a, θ)`` to every tensor ``G`` reads.
 In a first-order backward the cotangent reaching ``z_a`` is ``g - (I - J₀)ᵀ u``,
 zero up to the adjoint tolerance, so the inner step solves nothing. Its
-``G(z*, θ)`` is checkpointed (no activations kept); the autograd engine still
-walks that branch with an empty cotangent and so recomputes it once per
-backward (one evaluation of ``G``, no product, no solve). Bytes saved for
+``G(z*, θ)`` keeps no activations (``_recompute``: a lean checkpoint); the
+autograd engine still walks that branch with an empty cotangent and so
+recomputes it once per backward (one evaluation of ``G``, no product, no
+solve). Bytes saved for
 backward are those of one evaluation of ``G``, whatever the number of solver
 iterations.
 
@@ -57,12 +58,18 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._functorch.autograd_function import custom_function_call
 from torch._functorch.utils import unwrap_dead_wrappers
-from torch.utils.checkpoint import checkpoint
+from torch.overrides import has_torch_function
+
+try:  # the engine entry of torch.autograd.grad (PyTorch >= 2.3)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover
+    _engine_run_backward = None  # type: ignore[assignment]
 
 from ._adjoint import AdjointSolver, LinearOperator
 from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
+from ._recompute import evaluate_without_saving
 from ._stats import SolverStats
 from ._transforms import no_tangents, plain, vmapped
 
@@ -145,7 +152,7 @@ class Linearisation:
         assert self.g is not None and self.z is not None
         with torch.enable_grad():
             try:
-                (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
+                return _vjp(self.g, self.z, v)
             except RuntimeError as exc:
                 # The engine frees the forward graph once a backward without
                 # retain_graph has passed through it; a later solve (a
@@ -154,8 +161,7 @@ class Linearisation:
                 if "second time" not in str(exc):
                     raise
                 self.record_graph()
-                (out,) = torch.autograd.grad(self.g, self.z, v, retain_graph=True)
-        return out
+                return _vjp(self.g, self.z, v)
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """``J v``: from the recorded graph of ``G`` at the solution when there is one, else by forward mode.
@@ -290,10 +296,14 @@ class Linearisation:
 
 
 class _ImplicitSolve(torch.autograd.Function):
-    """``x = (I - J₀)^{-1} r`` (or its transpose) at a fixed linearisation.
+    """``x = (I - J₀)^{-1} r`` (or its transpose) at a fixed linearisation, and the two Newton steps.
 
-    In the Newton modes the forward value is zero (the correction at an exact
-    solution) and only the derivatives matter.
+    ``L = (I - J₀)^{-1}``. In the Newton modes ``r`` is an evaluation ``G(b)``
+    at the state ``base = b``, which equals ``z*`` in value, and the output is
+    the state after the step, ``b + L (G(b) - b)``: ``b`` in value, since the
+    correction vanishes at a solution. ``_INNER`` (``b = z*``, a constant)
+    returns ``b``'s memory; ``_OUTER`` (``b = z_a``) returns a copy, the
+    solution the caller may modify in place.
     """
 
     @classmethod
@@ -315,11 +325,12 @@ class _ImplicitSolve(torch.autograd.Function):
     def forward(  # type: ignore[override]
         r: torch.Tensor, lin: Linearisation, mode: str, base: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if mode in (_INNER, _OUTER):
-            # ``base + correction``, the correction being zero in value: with a
-            # base, the output shares its memory (no copy of the state is made,
-            # nor saved by the evaluation of G that reads it).
-            return torch.zeros_like(r) if base is None else base.view_as(base)
+        if mode == _INNER:
+            assert base is not None
+            return base.view_as(base)  # no copy of the state, nor one saved by the G that reads it
+        if mode == _OUTER:
+            assert base is not None
+            return base.clone()
         return lin.solve(r, transpose=mode == _SOLVE_T)
 
     @staticmethod
@@ -327,30 +338,28 @@ class _ImplicitSolve(torch.autograd.Function):
         ctx.lin, ctx.mode = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:  # type: ignore[override]
         lin, mode = ctx.lin, ctx.mode
         if mode == _INNER and not torch.is_grad_enabled() and lin.negligible(grad):
             return None, None, None, None
         # Through the Function again rather than lin.solve: the solve is then
         # differentiable when a graph is being built, and batched cotangents
-        # (torch.func.jacrev) reach the vmap rule below. ``base`` is a constant.
-        return _ImplicitSolve.apply(grad, lin, _SOLVE if mode == _SOLVE_T else _SOLVE_T), None, None, None
+        # (torch.func.jacrev) reach the vmap rule below.
+        u = _ImplicitSolve.apply(grad, lin, _SOLVE if mode == _SOLVE_T else _SOLVE_T)
+        if mode == _OUTER and ctx.needs_input_grad[3]:
+            return u, None, None, grad - u  # d(b + L (G(b) - b)) = db + L (dG - db)
+        return u, None, None, None  # the inner step's base is a constant
 
     @staticmethod
-    def jvp(ctx: Any, r_dot: torch.Tensor, *_: Any) -> torch.Tensor:  # type: ignore[override]
+    def jvp(  # type: ignore[override]
+        ctx: Any, r_dot: torch.Tensor | None, _lin: None, _mode: None, base_dot: torch.Tensor | None = None
+    ) -> torch.Tensor:
         lin, mode = ctx.lin, ctx.mode
-        transpose = mode == _SOLVE_T
-        if vmapped(r_dot) or _tracked_by_outer_transform(r_dot):
-            # jacfwd batches the tangents, so no host reads; reverse mode over
-            # forward mode differentiates this rule itself. Both want plain
-            # torch operations with L held constant: a dense solve.
-            return lin.solve_dense(r_dot, transpose=transpose)
-        if r_dot.requires_grad and torch.is_grad_enabled():
-            # Reverse over forward mode in plain autograd: through the Function
-            # again, whose backward is the transposed solve. (Not under
-            # torch.func: re-entering there would evaluate G at a lowered level.)
-            return _ImplicitSolve.apply(r_dot, lin, _SOLVE_T if transpose else _SOLVE)
-        return lin.solve(r_dot, transpose=transpose)
+        if mode == _OUTER and base_dot is not None:
+            rhs = -base_dot if r_dot is None else r_dot - base_dot
+            return base_dot + _solve_tangent(lin, rhs, transpose=False)
+        assert r_dot is not None
+        return _solve_tangent(lin, r_dot, transpose=mode == _SOLVE_T)
 
     @staticmethod
     def vmap(  # type: ignore[override]
@@ -360,13 +369,28 @@ class _ImplicitSolve(torch.autograd.Function):
         # vector-Jacobian product); the solution itself is never batched, as
         # solve() refuses to run under vmap.
         dim = in_dims[0]
+        if mode in (_INNER, _OUTER):
+            return _ImplicitSolve.forward(r, lin, mode, base), in_dims[3]
         if dim is None:
             return _ImplicitSolve.apply(r, lin, mode, base), None
-        if mode in (_INNER, _OUTER):
-            return (torch.zeros_like(r), dim) if base is None else (base.view_as(base), None)
         # One operator for every slice (and one Jacobian for ``exact``, cached):
         # a loop of solves, each through the Function so that nested vmaps recurse.
         return torch.stack([_ImplicitSolve.apply(r_i, lin, mode) for r_i in r.unbind(dim)]), 0
+
+
+def _solve_tangent(lin: Linearisation, r_dot: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``L r_dot`` (``Lᵀ r_dot`` if ``transpose``) in a forward-mode rule, by the route the context allows."""
+    if vmapped(r_dot) or _tracked_by_outer_transform(r_dot):
+        # jacfwd batches the tangents, so no host reads; reverse mode over
+        # forward mode differentiates this rule itself. Both want plain
+        # torch operations with L held constant: a dense solve.
+        return lin.solve_dense(r_dot, transpose=transpose)
+    if r_dot.requires_grad and torch.is_grad_enabled():
+        # Reverse over forward mode in plain autograd: through the Function
+        # again, whose backward is the transposed solve. (Not under
+        # torch.func: re-entering there would evaluate G at a lowered level.)
+        return _ImplicitSolve.apply(r_dot, lin, _SOLVE_T if transpose else _SOLVE)
+    return lin.solve(r_dot, transpose=transpose)
 
 
 def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
@@ -383,22 +407,37 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
     g_in = None
     if hooks_enabled and fwAD._current_level < 0:
         try:
-            g_in = checkpoint(system.map, z0, use_reentrant=False, preserve_rng_state=False)
+            g_in = evaluate_without_saving(system.map, z0)
         except RuntimeError as exc:
             if "saved tensor hooks" not in str(exc):  # G itself calls torch.func.grad or vjp
                 raise
     if g_in is None:
         # torch.func.grad / vjp / jacrev disable saved-tensor hooks, on which
-        # checkpointing rests, and a recomputation outside forward mode would
+        # the recomputation rests, and a recomputation outside forward mode would
         # not match what was saved inside it: keep this evaluation's activations.
         g_in = system.map(z0)
     if not g_in.requires_grad and not _has_tangent(g_in):
         return z0
-    z_a = _ImplicitSolve.apply(g_in - z0, lin, _INNER, z0)  # z0 in value and memory
+    # The corrections G(z) - z are folded into the Function (z0 is a constant,
+    # z_a is the Function's ``base``): no subtraction, zero or sum is formed.
+    z_a = _ImplicitSolve.apply(g_in, lin, _INNER, z0)  # z0 in value and memory
     g1 = system.map(z_a)
     if g1.requires_grad:  # forward mode alone records no graph; J v then comes from jvp
         lin.set_graph(z_a, g1)
-    return z_a + _ImplicitSolve.apply(g1 - z_a, lin, _OUTER)
+    return _ImplicitSolve.apply(g1, lin, _OUTER, z_a)  # a copy of z0 in value
+
+
+def _vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(∂g/∂z)ᵀ v`` through the recorded graph, which is kept.
+
+    ``torch.autograd.grad`` less its argument normalisation, which costs
+    about as much as the engine call itself on small problems (the adjoint
+    solvers make one call per iteration; the arguments here are always one
+    tensor each, of matching shapes).
+    """
+    if _engine_run_backward is None or has_torch_function((g, z, v)):
+        return torch.autograd.grad(g, z, v, retain_graph=True)[0]
+    return _engine_run_backward((g,), (v,), True, False, (z,), False, accumulate_grad=False)[0]  # type: ignore[no-any-return]
 
 
 def _jvp_by_double_vjp(z: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,12 @@ class NeumannAdjoint(AdjointSolver):
     """
 
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        x = b
+        # The partial sum x = b + M b + ... + Mᵏ b has residual M x + b - x =
+        # Mᵏ⁺¹ b, the next term: one product and one sum per iteration. A
+        # converged sample keeps its sum and its term (its residual).
+        x = term = b
         while True:
-            y = op(x) + b  # the next partial sum
-            if monitor.check(x, y - x):
+            term = monitor.freeze(op(term), term)
+            if monitor.check(x, term):
                 return x
-            x = monitor.freeze(y, x)
+            x = monitor.freeze(x + term, x)
