@@ -1,0 +1,104 @@
+"""The evaluation of the inner Newton step keeps nothing for backward and is recomputed when needed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import implicit
+from implicit._recompute import evaluate_without_saving
+from tests.problems import two_variable_map, two_variable_params, two_variable_z0
+from tests.reference import ift_grads, picard
+
+f64 = torch.float64
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """The bytes autograd saves while ``fn`` runs, and what it returns."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+def _mlp(w: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda z: torch.tanh(torch.tanh(z @ w.T + x) @ w.T)
+
+
+def test_keeps_nothing_and_matches_the_plain_gradient_and_hessian() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(6, 6, dtype=f64, generator=g)).requires_grad_()
+    x = torch.randn(3, 6, dtype=f64, generator=g)
+    z = torch.randn(3, 6, dtype=f64, generator=g)
+    f = _mlp(w, x)
+    saved, out = _saved_bytes(lambda: evaluate_without_saving(f, z))
+    assert saved == 0
+    ref = f(z)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    c = torch.randn(3, 6, dtype=f64, generator=g)
+    (gw,) = torch.autograd.grad((out * c).sum(), w, create_graph=True)
+    (gw_ref,) = torch.autograd.grad((ref * c).sum(), w, create_graph=True)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-14, atol=1e-14)
+    # A second-order product through the recomputed values.
+    (hw,) = torch.autograd.grad((gw * w).sum(), w)
+    (hw_ref,) = torch.autograd.grad((gw_ref * w).sum(), w)
+    torch.testing.assert_close(hw, hw_ref, rtol=1e-13, atol=1e-13)
+
+
+def test_a_retained_graph_recomputes_for_every_backward() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = (0.3 * torch.randn(5, 5, dtype=f64, generator=g)).requires_grad_()
+    x = torch.randn(2, 5, dtype=f64, generator=g)
+    calls = 0
+    inner = _mlp(w, x)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return inner(z)
+
+    out = evaluate_without_saving(f, torch.randn(2, 5, dtype=f64, generator=g))
+    first = torch.autograd.grad(out.sum(), w, retain_graph=True)[0]
+    second = torch.autograd.grad(out.sum(), w)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert calls == 3  # the evaluation, then one recomputation per backward pass
+
+
+def test_a_map_that_changes_between_calls_is_refused() -> None:
+    w = torch.randn(4, 4, dtype=f64, requires_grad=True)
+    calls = 0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        y = torch.tanh(z @ w)
+        return torch.tanh(y @ w) if calls > 1 else y  # one more saving op when recomputed
+
+    out = evaluate_without_saving(f, torch.randn(2, 4, dtype=f64))
+    with pytest.raises(RuntimeError, match="must run the same operations"):
+        out.sum().backward()
+
+
+def test_solve_under_cpu_autocast_falls_back_and_differentiates() -> None:
+    params = [p.requires_grad_() for p in two_variable_params()]
+    z0 = two_variable_z0()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
+        # float64 is outside autocast's casts: the values are the float64 ones.
+        z = implicit.fixed_point(
+            lambda z: two_variable_map(z, params), z0, batched=True, solver="anderson", adjoint="gmres", tol=1e-12
+        )
+    loss = (z["x"] ** 2).sum() + z["y"].sum()
+    grads = torch.autograd.grad(loss, params)
+    z_ref = picard(lambda z: two_variable_map(z, params), z0)
+    dl = {"x": 2 * z_ref["x"], "y": torch.ones_like(z_ref["y"])}
+    ref = ift_grads(two_variable_map, z_ref, params, dl)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
