@@ -29,9 +29,9 @@ class Checker(Protocol):
     whether to stop; afterwards ``active`` is the ``(B,)`` mask of rows
     still short of their tolerance and ``nonfinite`` is non-empty if a NaN
     or infinity was seen. Within a cycle :func:`gmres` hands it the cycle's
-    first iterate and a vector with the norm of the current residual, so a
-    checker must judge by ``‖r‖`` alone (a ``Monitor`` with its
-    ``reference`` set to ``‖b‖`` does).
+    first iterate and a ``(B, 1)`` tensor holding the norm of the current
+    residual, so a checker must judge by ``‖r‖`` alone (a ``Monitor`` with
+    its ``reference`` set to ``‖b‖`` does).
     """
 
     @property
@@ -256,7 +256,7 @@ class _Arnoldi:
         beta = torch.linalg.vector_norm(r, dim=1, keepdim=True)
         torch.where(active & (beta > tiny_t), r / beta.clamp_min(tiny), self.zero, out=V[0])
         P.copy_(self.eye)
-        x_start, r_start = x, r
+        x_start = x
         for j in range(self.m):
             w = matvec(V[j]).unsqueeze(1)
             vs, vs_t = self.basis.narrow(1, 0, j + 1), self.basis_t.narrow(2, 0, j + 1)
@@ -285,10 +285,10 @@ class _Arnoldi:
                 x = self._solution(x_start, beta, j + 1)
                 r = b - matvec(x)
                 return x, r, monitor.check(x, r), True
-            # ‖b - A x_j‖ = β |Q[j+1, 0]| while V is orthonormal: the monitor sees the first
-            # residual scaled to that norm, with the cycle's first iterate; x_j and its residual
+            # ‖b - A x_j‖ = β |Q[j+1, 0]| while V is orthonormal: the monitor sees a (B, 1)
+            # vector of that norm, with the cycle's first iterate; x_j and its residual
             # are formed only when the solve stops.
-            r = self.q0.narrow(1, j + 1, 1) * r_start
+            r = self.q0.narrow(1, j + 1, 1).abs() * beta
             if monitor.check(x_start, r):
                 return self._solution(x_start, beta, j + 1), r, True, False
             assert monitor.active is not None

@@ -86,7 +86,9 @@ class Monitor:
             worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
         self._frozen = best <= self.atol
         if not math.isfinite(worst) and not bool(torch.isfinite(rn).all() & torch.isfinite(zn).all()):
-            bad = self.structure.nonfinite(r) or self.structure.nonfinite(z) or ["(unknown)"]
+            # r may be a (B, 1) vector of residual norms (gmres within a cycle): no variables to name.
+            bad = (self.structure.nonfinite(r) if r.shape[1] == z.shape[1] else []) or self.structure.nonfinite(z)
+            bad = bad or ["(unknown)"]
             self.nonfinite = bad
             self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
             return True

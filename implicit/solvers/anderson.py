@@ -169,22 +169,44 @@ class Anderson(IterativeSolver):
         # m differences of Walker & Ni's form span m + 1 iterates
         return _AndersonState(z0, self.m + 1, self.lam)
 
+    def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
+        if type(self).step is not Anderson.step:  # a subclass's own step: the shared loop
+            return super().solve(system, z0, monitor)
+        # The shared loop with the residual written straight into its history
+        # slot: no copy of it per step.
+        state = self.init(system, z0)
+        z = z0
+        while True:
+            v = state.views[state.k % state.slots, min(state.k + 1, state.slots)]
+            g = system.map(z)
+            r = torch.sub(g, z, out=v.r_slot)
+            if monitor.check(z, r):
+                return z
+            if self.beta == 1.0:
+                v.g_slot.copy_(g)
+            else:
+                torch.add(z, r, alpha=self.beta, out=v.g_slot)
+            z = monitor.freeze(self._mix(state, v), z)
+
     def step(
         self, system: System, z: torch.Tensor, r: torch.Tensor, state: _AndersonState, monitor: Monitor
     ) -> torch.Tensor:
-        k = state.k
-        state.k = k + 1
-        slots = state.slots
-        n = min(k + 1, slots)
-        v = state.views[k % slots, n]
-        g = torch.add(z, r, alpha=self.beta, out=v.g_slot)
+        v = state.views[state.k % state.slots, min(state.k + 1, state.slots)]
+        torch.add(z, r, alpha=self.beta, out=v.g_slot)
         v.r_slot.copy_(r)
+        return self._mix(state, v)
+
+    @staticmethod
+    def _mix(state: _AndersonState, v: _StepViews) -> torch.Tensor:
+        """The next iterate from the history, slot ``v`` holding the newest residual and damped map value."""
+        n = v.r_t.shape[2]
+        state.k += 1
         # Row j of the Gram matrix, (B, 1, N) @ (B, N, n): on CPU this
         # orientation is far faster than (B, n, N) @ (B, N, 1).
         torch.bmm(v.r_row, v.r_t, out=v.row)
         torch.mul(v.row, v.reg_row, out=v.gram_row)
         if n == 1:  # a single iterate: its weight is 1
-            return g.clone()
+            return v.g_slot.clone()
         torch.mul(v.row_t, v.reg_col, out=v.gram_col)
         # The weights are α = x / Σx with x H = 1ᵀ. H is symmetric positive
         # definite unless a residual vanishes (or λ = 0 and residuals repeat),
