@@ -69,6 +69,7 @@ from ._adjoint import AdjointSolver, LinearOperator
 from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
+from ._products import JacobianFromGraph
 from ._recompute import evaluate_without_saving
 from ._stats import SolverStats
 from ._transforms import no_tangents, plain, vmapped
@@ -127,11 +128,13 @@ class Linearisation:
         self.z: torch.Tensor | None = None
         self.g: torch.Tensor | None = None
         self._jacobian: torch.Tensor | None = None
+        self._products: JacobianFromGraph | None = None  # J v from the graph of g, kept between products
         self._negligible_bound: torch.Tensor | None = None  # see negligible()
 
     def set_graph(self, z: torch.Tensor, g: torch.Tensor) -> None:
         """Use the graph of ``g = G(z)`` (``z`` requiring grad) for products with ``Jᵀ``."""
         self.z, self.g = z, g
+        self._products = None
 
     def record_graph(self) -> None:
         """Evaluate ``G`` once at the solution with a graph, for products with ``J`` and ``Jᵀ``.
@@ -144,6 +147,7 @@ class Linearisation:
         with torch.enable_grad(), no_tangents():
             z = self.z_star.detach().requires_grad_()
             self.z, self.g = z, self.system.map(z)
+            self._products = None
 
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
         """``Jᵀ v``, from the graph recorded at the solution."""
@@ -181,7 +185,12 @@ class Linearisation:
             # (about half the time of forward mode in double backward), and no
             # new transform level under torch.func.
             try:
-                return _jvp_by_double_vjp(self.z, self.g, v)
+                if wrapped or _functorch.maybe_current_level() is not None:
+                    # under torch.func, levels differ between calls: nothing is kept
+                    return JacobianFromGraph(self.z, self.g)(v)
+                if self._products is None:
+                    self._products = JacobianFromGraph(self.z, self.g)
+                return self._products(v)
             except RuntimeError as exc:
                 if wrapped or fwAD._current_level >= 0:
                     raise NotImplementedError(_LOWERED) from exc
@@ -446,15 +455,6 @@ def _vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if _engine_run_backward is None or has_torch_function((g, z, v)):
         return torch.autograd.grad(g, z, v, retain_graph=True)[0]
     return _engine_run_backward((g,), (v,), True, False, (z,), False, accumulate_grad=False)[0]  # type: ignore[no-any-return]
-
-
-def _jvp_by_double_vjp(z: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(∂g/∂z) v`` from the graph of ``g``: ``Jᵀ w`` is linear in ``w``, its derivative along ``v`` is ``J v``."""
-    with torch.enable_grad():
-        w = torch.zeros_like(g, requires_grad=True)
-        (jtw,) = torch.autograd.grad(g, z, w, create_graph=True, retain_graph=True)
-        (out,) = torch.autograd.grad(jtw, w, v, retain_graph=True)
-    return out
 
 
 def _tracked_by_outer_transform(t: torch.Tensor) -> bool:

@@ -607,3 +607,85 @@ def test_registered_names() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         implicit.get_solver("newton_krylov")(restart=5, max_inner=10)
+
+
+class _CubeOnce(torch.autograd.Function):
+    """``z³`` with a forward-mode rule and a backward that cannot be differentiated again."""
+
+    @staticmethod
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        return z**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (z,) = ctx.saved_tensors
+        return 3 * z**2 * g
+
+    @staticmethod
+    def jvp(ctx, t):  # type: ignore[no-untyped-def]
+        (z,) = ctx.saved_tensors
+        return 3 * z**2 * t
+
+
+def test_newton_krylov_products_from_the_graph_equal_forward_mode() -> None:
+    from implicit.solvers.newton_krylov import _JacobianProduct
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, dtype=DT, generator=g) / 3
+    x = torch.randn(4, 6, dtype=DT, generator=g)
+    problem = implicit.ImplicitProblem(lambda z: torch.tanh(z @ W.T + x) * z - 0.3 * z**3, batched=True)
+    z = torch.randn(4, 6, dtype=DT, generator=g)
+    system = problem.bind(z)
+    v = torch.randn(4, 6, dtype=DT, generator=g)
+    with torch.no_grad():
+        product = _JacobianProduct(system, z)
+        assert product.graph is not None
+        got = product(v)
+        assert product.graph is not None  # still the graph's
+    want = torch.func.jvp(system.residual, (z,), (v,))[1]
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_newton_krylov_falls_back_to_forward_mode_without_double_backward() -> None:
+    from implicit.solvers.newton_krylov import _JacobianProduct
+
+    c = torch.tensor([8.0, 1.0, 27.0], dtype=DT)
+    z = torch.tensor([1.5, 3.0, 2.0], dtype=DT)
+    system = implicit.ImplicitProblem(lambda z: _CubeOnce.apply(z) - c, batched=True).bind(z)
+    with torch.no_grad():
+        product = _JacobianProduct(system, z[:, None])
+        torch.testing.assert_close(product(torch.ones(3, 1, dtype=DT)), 3 * z[:, None] ** 2)
+    assert product.graph is None  # the graph's product failed: forward mode from then on
+    sol = implicit.solve(
+        implicit.ImplicitProblem(lambda z: _CubeOnce.apply(z) - c, batched=True),
+        torch.tensor([1.5, 3.0, 2.0], dtype=DT),
+        solver="newton_krylov",
+        tol=1e-13,
+        on_failure="raise",
+    )
+    torch.testing.assert_close(sol.z, torch.tensor([2.0, 1.0, 3.0], dtype=DT), rtol=1e-13, atol=0)
+
+
+def test_newton_krylov_graphs_are_hidden_from_the_callers_saved_tensor_hooks() -> None:
+    seen = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        seen += 1
+        return t
+
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sol = implicit.solve(
+            implicit.ImplicitProblem(lambda z: torch.tanh(z) + z**3 - 1.0, batched=True),
+            torch.zeros(3, 4, dtype=DT),
+            solver="newton_krylov",
+            tol=1e-12,
+        )
+    assert sol.converged and sol.stats.iterations > 1
+    assert seen == 0

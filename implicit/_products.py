@@ -1,0 +1,56 @@
+"""Jacobian-vector products from a recorded graph: the derivative of a vector-Jacobian product."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["JacobianFromGraph", "private_saved_tensors"]
+
+
+class JacobianFromGraph:
+    """``v ↦ (∂g/∂z) v`` from the graph of ``g = G(z)`` (``z`` requiring grad).
+
+    ``Jᵀ w`` is linear in ``w``: recorded once with ``create_graph=True`` at
+    ``w = 0``, its derivative in ``w`` along ``v`` is ``J v``, one backward
+    pass through that small graph per product. On CPU that is about one
+    evaluation of ``G`` per product, where ``torch.func.jvp`` costs three to
+    five (it evaluates ``G`` again each time, in forward mode). It needs
+    ``G``'s operations to have double backward, as almost all do; the first
+    call raises ``RuntimeError`` where one does not.
+
+    Args:
+        z: The point, a leaf that requires grad.
+        g: ``G(z)``, recorded with its graph.
+    """
+
+    def __init__(self, z: torch.Tensor, g: torch.Tensor) -> None:
+        self._z, self._g = z, g
+        self._w: torch.Tensor | None = None
+        self._jtw: torch.Tensor | None = None
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if self._w is None:
+                w = torch.zeros_like(self._g, requires_grad=True)
+                (jtw,) = torch.autograd.grad(self._g, self._z, w, create_graph=True, retain_graph=True, allow_unused=True)
+                self._w, self._jtw = w, jtw
+            if self._jtw is None or not self._jtw.requires_grad:  # g does not depend on z
+                return torch.zeros_like(v)
+            (out,) = torch.autograd.grad(self._jtw, self._w, v, retain_graph=True)
+        return out
+
+
+class private_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
+    """Keep what a graph built inside saves as it is, out of reach of the caller's saved-tensor hooks.
+
+    For graphs that live and die inside a solve (a Newton step's
+    linearisation): hooks the caller installed around the solve (offloading
+    to CPU, counting the bytes saved for backward) must not see them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_identity, _identity)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
