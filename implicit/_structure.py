@@ -94,6 +94,10 @@ class Structure:
         self.shapes = [_shape(t.shape) for t in tensors]
         self.sizes = [t.numel() // self.batch if self.batch else 0 for t in tensors]
         self.size = sum(self.sizes)
+        # Flatten concatenates, and unflatten splits, rows of shape (B, n) when batched and
+        # (n,) when not: a variable already of that shape needs no view either way.
+        rows = [(self.batch, n) if batched else (n,) for n in self.sizes]
+        self._is_row = [shape == row for shape, row in zip(self.shapes, rows)]
 
     def name(self, key: Any) -> str:
         """How a variable is called in messages: ``z['x']``, ``z[0]`` or ``z``."""
@@ -111,13 +115,19 @@ class Structure:
         """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
         if self.kind == "tensor":
             return state.reshape(self.batch, self.size)
-        return torch.cat([t.reshape(self.batch, n) for t, n in zip(self.variables(state), self.sizes)], dim=1)
+        tensors = self.variables(state)
+        if self.batched:
+            rows = [t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)]
+            return torch.cat(rows, dim=1)
+        rows = [t if row else t.reshape(-1) for t, row in zip(tensors, self._is_row)]
+        return torch.cat(rows).view(1, self.size)
 
     def unflatten(self, flat: torch.Tensor) -> Any:
         """The inverse of :meth:`flatten`; returns views of ``flat``."""
         if self.kind == "tensor":
             return flat.view(self.shapes[0])
-        parts = [p.view(s) for p, s in zip(flat.split_with_sizes(self.sizes, 1), self.shapes)]
+        pieces = flat.split_with_sizes(self.sizes, 1) if self.batched else flat.reshape(-1).split_with_sizes(self.sizes)
+        parts = [p if row else p.view(s) for p, s, row in zip(pieces, self.shapes, self._is_row)]
         if self.kind == "dict":
             return dict(zip(self.keys, parts))
         if self.kind == "tuple":
