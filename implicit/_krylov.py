@@ -14,6 +14,7 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -68,13 +69,16 @@ class Tolerance:
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         rn = torch.linalg.vector_norm(r, dim=1)
         self.residual = rn
-        self.converged = rn <= self.target
+        margin = rn - self.target  # -inf where a row needs no solving
+        self.converged = margin <= 0
         self.active = ~self.converged
-        done, finite = torch.stack([self.converged.all(), torch.isfinite(rn).all()]).tolist()
-        if not finite:
+        # Its maximum answers "all done?" and, being NaN or infinite otherwise,
+        # "all finite?" in one read (NaN propagates through max).
+        worst = float(margin.max())
+        if math.isnan(worst) or worst == math.inf:
             self.nonfinite = ["residual"]
             return True
-        if done or self.iterations >= self.max_iter:
+        if worst <= 0 or self.iterations >= self.max_iter:
             return True
         self.iterations += 1
         return False
@@ -269,17 +273,16 @@ class _Arnoldi:
             hn = torch.linalg.vector_norm(w, dim=2)
             # The new Hessenberg column turned by the earlier rotations: one product with Qᵀ.
             col = torch.cat([h + h2, hn.unsqueeze(2)], dim=2)
-            rot = torch.bmm(col, P.narrow(1, 0, j + 2).narrow(2, 0, j + 2)).squeeze(1)
+            rot = torch.bmm(col, P[:, : j + 2, : j + 2]).squeeze(1)
             pair = rot.narrow(1, j, 2)
-            top = pair.narrow(1, 0, 1)
-            d = torch.hypot(top, pair.narrow(1, 1, 1))
+            d = torch.linalg.vector_norm(pair, dim=1, keepdim=True)
             # A frozen (or broken-down) row gets the swap (c, s) = (0, 1) and a unit pivot, so
             # its solution coefficient for this column is zero and its residual is unchanged.
             good = active & (d > tiny_t)
             cs = torch.where(good, pair / d, self.swap)  # where not good, pair / d is discarded
             turned = P.narrow(2, j, 2)
             turned.copy_(torch.bmm(turned, (cs @ self.to_matrix).view(batch, 2, 2)))
-            top.copy_(d)
+            rot[:, j] = d.squeeze(1)  # the new diagonal entry of R
             torch.where(good, rot.narrow(1, 0, j + 1), self.eye[j, : j + 1], out=R[:, : j + 1, j])
             if j == self.m - 1:
                 x = self._solution(x_start, beta, j + 1)
@@ -294,10 +297,10 @@ class _Arnoldi:
             assert monitor.active is not None
             active = monitor.active.unsqueeze(1)
             # Rows that have converged (or broken down) stop growing their basis: their new
-            # vector is zero. (A where on the (B, N) vector costs as much as these three passes:
-            # scaling by zero leaves NaN only where w was not finite, and those entries go too.)
-            scale = torch.where(active & (hn > tiny_t), hn.reciprocal(), self.zero)
-            torch.mul(w.squeeze(1), scale, out=V[j + 1]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            # vector is zero. Dividing by a zero norm gives only infinities and NaN, which go.
+            # (A where on the (B, N) vector costs as much as these two passes.)
+            norm = torch.where(active, hn, self.zero)
+            torch.div(w.squeeze(1), norm, out=V[j + 1]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         raise AssertionError("unreachable: the last step returns")
 
     def _solution(self, x_start: torch.Tensor, beta: torch.Tensor, k: int) -> torch.Tensor:
