@@ -51,12 +51,17 @@ class Monitor:
         self.message = ""
         self._margin: torch.Tensor | None = None
         self._active: torch.Tensor | None = None
+        self._converged: torch.Tensor | None = None
         self._frozen = False  # whether any sample has converged (only then is freezing needed)
 
     @property
     def converged(self) -> torch.Tensor | None:
         """Per-sample convergence ``(B,)`` at the last check (``None`` before)."""
-        return None if self._margin is None else self._margin <= self.atol
+        if self._margin is None:
+            return None
+        if self._converged is None:
+            self._converged = self._margin <= self.atol
+        return self._converged
 
     @property
     def active(self) -> torch.Tensor | None:
@@ -78,7 +83,7 @@ class Monitor:
         self.history.append(rn)
         self.residual = rn
         self._margin = margin
-        self._active = None
+        self._active = self._converged = None
         if margin.numel() == 1:
             worst = best = float(margin)
         else:
