@@ -18,12 +18,12 @@ second derivatives. The backward pass of the outer step solves the joint
 adjoint system ``(I - J₀)ᵀ u = g`` over all variables together once, then sends
 ``u`` through the single evaluation ``G(z_a, θ)`` to every tensor ``G`` reads.
 In a first-order backward the cotangent reaching ``z_a`` is ``g - (I - J₀)ᵀ u``,
-zero up to the adjoint tolerance, so the inner step solves nothing. Its
-``G(z*, θ)`` keeps no activations (``_recompute``: a lean checkpoint); the
-autograd engine still walks that branch with an empty cotangent and so
-recomputes it once per backward (one evaluation of ``G``, no product, no
-solve). Bytes saved for backward are those of one evaluation of ``G``,
-whatever the number of solver iterations.
+zero up to the adjoint tolerance, so the inner step solves nothing (the
+autograd engine walks that branch with an empty cotangent, computing
+nothing). ``G(z*, θ)`` and ``G(z_a, θ)`` run the same operations on the same
+values, so the two evaluations keep one set of saved tensors between them
+(``_saved``): bytes saved for backward are those of one evaluation of ``G``,
+whatever the number of solver iterations, and nothing is recomputed.
 
 ``L`` and ``Lᵀ`` are the same Function: its backward is the transposed solve
 (through the Function again, so differentiable when a graph is being built)
@@ -50,6 +50,7 @@ would reuse their level numbers and mistake their wrapped tensors for its own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
 from ._products import JacobianFromGraph
-from ._recompute import evaluate_without_saving
+from ._saved import SharedSaves, evaluate_without_saving
 from ._stats import SolverStats
 from ._transforms import no_tangents, plain, vmapped
 
@@ -352,11 +353,18 @@ class _ImplicitSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.lin, ctx.mode = inputs[1], inputs[2]
+        lin, ctx.mode = inputs[1], inputs[2]
+        # The inner step's output z_a is held by the linearisation (its graph
+        # of G(z_a) starts there), so the inner step's node holds the
+        # linearisation weakly: a strong reference would close a cycle through
+        # autograd's nodes that Python's collector cannot see, and keep the
+        # solve's tensors and graph alive for good. The outer step's node,
+        # which every backward pass reaching the inner one passes first, holds it.
+        ctx.lin = weakref.ref(lin) if ctx.mode == _INNER else lin
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:  # type: ignore[override]
-        lin, mode = ctx.lin, ctx.mode
+        lin, mode = _linearisation(ctx), ctx.mode
         if mode == _INNER and not torch.is_grad_enabled() and lin.negligible(grad):
             return None, None, None, None
         # Through the Function again rather than lin.solve: the solve is then
@@ -371,7 +379,7 @@ class _ImplicitSolve(torch.autograd.Function):
     def jvp(  # type: ignore[override]
         ctx: Any, r_dot: torch.Tensor | None, _lin: None, _mode: None, base_dot: torch.Tensor | None = None
     ) -> torch.Tensor:
-        lin, mode = ctx.lin, ctx.mode
+        lin, mode = _linearisation(ctx), ctx.mode
         if mode == _OUTER and base_dot is not None:
             rhs = -base_dot if r_dot is None else r_dot - base_dot
             return base_dot + _solve_tangent(lin, rhs, transpose=False)
@@ -393,6 +401,13 @@ class _ImplicitSolve(torch.autograd.Function):
         # One operator for every slice (and one Jacobian for ``exact``, cached):
         # a loop of solves, each through the Function so that nested vmaps recurse.
         return torch.stack([_ImplicitSolve.apply(r_i, lin, mode) for r_i in r.unbind(dim)]), 0
+
+
+def _linearisation(ctx: Any) -> Linearisation:
+    lin = ctx.lin() if isinstance(ctx.lin, weakref.ref) else ctx.lin
+    if lin is None:  # pragma: no cover - the outer step's node keeps it while it can be reached
+        raise RuntimeError("the solve this derivative belongs to no longer exists")
+    return lin  # type: ignore[no-any-return]
 
 
 def _solve_tangent(lin: Linearisation, r_dot: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -420,28 +435,75 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
         return z_star
     system = lin.system
     z0 = z_star.detach()
-    hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]
+    # The two evaluations of G keep one set of saved tensors between them
+    # (see _saved); without saved-tensor hooks (torch.func) each keeps its own.
+    shared = SharedSaves.create() if fwAD._current_level < 0 else None
     g_in = None
-    if hooks_enabled and fwAD._current_level < 0:
+    if shared is not None:
+        z_in = z0.detach().requires_grad_()
         try:
-            g_in = evaluate_without_saving(system.map, z0)
+            with shared.first():
+                # At a leaf that requires grad, as z_a does below: autograd then
+                # saves the same tensors in both evaluations. Its gradient is never read.
+                g_in = system.map(z_in)
         except RuntimeError as exc:
             if "saved tensor hooks" not in str(exc):  # G itself calls torch.func.grad or vjp
                 raise
+            shared = None
+        else:
+            if not _reads_other_leaves(g_in, z_in):
+                return z0
+    elif fwAD._current_level < 0 and torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
+        # PyTorch without access to the caller's hooks: this evaluation keeps nothing.
+        try:
+            g_in = evaluate_without_saving(system.map, z0)
+        except RuntimeError as exc:
+            if "saved tensor hooks" not in str(exc):
+                raise
     if g_in is None:
-        # torch.func.grad / vjp / jacrev disable saved-tensor hooks, on which
-        # the recomputation rests, and a recomputation outside forward mode would
-        # not match what was saved inside it: keep this evaluation's activations.
+        # torch.func.grad / vjp / jacrev disable saved-tensor hooks, and forward
+        # mode records no graph: this evaluation keeps its own activations.
         g_in = system.map(z0)
-    if not g_in.requires_grad and not _has_tangent(g_in):
+    if shared is None and not g_in.requires_grad and not _has_tangent(g_in):
         return z0
     # The corrections G(z) - z are folded into the Function (z0 is a constant,
     # z_a is the Function's ``base``): no subtraction, zero or sum is formed.
     z_a = _ImplicitSolve.apply(g_in, lin, _INNER, z0)  # z0 in value and memory
-    g1 = system.map(z_a)
+    if shared is not None:
+        with shared.second():
+            g1 = system.map(z_a)
+        shared.settle()
+    else:
+        g1 = system.map(z_a)
     if g1.requires_grad:  # forward mode alone records no graph; J v then comes from jvp
         lin.set_graph(z_a, g1)
     return _ImplicitSolve.apply(g1, lin, _OUTER, z_a)  # a copy of z0 in value
+
+
+def _reads_other_leaves(g: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether the graph of ``g`` reaches a tensor that requires grad other than ``leaf``.
+
+    Every tensor that requires grad descends from leaves that do, so this is
+    whether ``g`` depends on anything but ``leaf`` that requires grad. A
+    depth-first walk: it stops at the first such leaf, which for a map with
+    parameters is a few nodes down.
+    """
+    if g.grad_fn is None:
+        return g.requires_grad and g is not leaf
+    seen: set[Any] = set()
+    stack: list[Any] = [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import implicit
-from implicit._recompute import evaluate_without_saving
+from implicit._saved import evaluate_without_saving
 from tests.problems import two_variable_map, two_variable_params, two_variable_z0
 from tests.reference import ift_grads, picard
 
@@ -87,7 +87,7 @@ def test_a_map_that_changes_between_calls_is_refused() -> None:
         out.sum().backward()
 
 
-def test_solve_under_cpu_autocast_falls_back_and_differentiates() -> None:
+def test_solve_under_cpu_autocast_differentiates() -> None:
     params = [p.requires_grad_() for p in two_variable_params()]
     z0 = two_variable_z0()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
@@ -141,3 +141,90 @@ def test_first_order_backward_solves_once(seed: int, adjoint: str, monkeypatch: 
     )
     torch.autograd.grad((z * c).sum(), w)
     assert solves == 1
+
+
+def _mlp_problem(seed: int = 3) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = (0.4 * torch.randn(6, 6, dtype=f64, generator=g) / 6**0.5).requires_grad_()
+    x = torch.randn(5, 6, dtype=f64, generator=g).requires_grad_()
+    c = torch.randn(5, 6, dtype=f64, generator=g)
+    return [w, x], torch.zeros(5, 6, dtype=f64), c
+
+
+def _dense_grads(
+    f: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor], c: torch.Tensor
+) -> list[torch.Tensor]:
+    """The IFT gradient of ``Σ c ⊙ z*`` for ``z* = f(z*, params)``, dense, in float64."""
+    z_ref = picard(lambda s: {"z": f(s["z"], params)}, {"z": torch.zeros_like(c)})
+    return ift_grads(lambda s, p: {"z": f(s["z"], list(p))}, z_ref, params, {"z": c})
+
+
+def _two_layer(z: torch.Tensor, p: list[torch.Tensor]) -> torch.Tensor:
+    w, x = p
+    return torch.tanh(torch.tanh(z @ w.T + x) @ w.T)
+
+
+def _one_layer(z: torch.Tensor, p: list[torch.Tensor]) -> torch.Tensor:
+    w, x = p
+    return torch.tanh(z @ w.T + x)
+
+
+def test_the_two_evaluations_share_saved_tensors_and_backward_evaluates_nothing() -> None:
+    (w, x), z0, c = _mlp_problem()
+    calls = 0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return torch.tanh(torch.tanh(z @ w.T + x) @ w.T)
+
+    one, _ = _saved_bytes(lambda: f(z0.clone().requires_grad_()))
+    saved, z = _saved_bytes(
+        lambda: implicit.fixed_point(f, z0, batched=True, solver="anderson", adjoint="neumann", tol=1e-12)
+    )
+    assert saved == one  # the caller's hooks see one evaluation's tensors
+    calls = 0
+    grads = torch.autograd.grad((z * c).sum(), [w, x])
+    assert calls == 0  # nothing evaluated again
+    for got, want in zip(grads, _dense_grads(_two_layer, [w, x], c)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_offloading_hooks_and_a_map_that_changes_between_calls() -> None:
+    (w, x), z0, c = _mlp_problem(4)
+    calls = 0
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        h = z @ w.T + x
+        # the same values by other operations on every other call: nothing to share
+        return torch.tanh(h) if calls % 2 else 2 * torch.sigmoid(2 * h) - 1
+
+    ref = _dense_grads(_one_layer, [w, x], c)
+    with torch.autograd.graph.save_on_cpu():
+        z = implicit.fixed_point(f, z0, batched=True, solver="fixed_point", adjoint="gmres", tol=1e-12, max_iter=500)
+    for got, want in zip(torch.autograd.grad((z * c).sum(), [w, x]), ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_the_attached_graph_is_freed_with_the_solution() -> None:
+    import gc
+    import weakref
+
+    (w, x), z0, _ = _mlp_problem(5)
+    z = implicit.fixed_point(lambda z: torch.tanh(z @ w.T + x), z0, batched=True, tol=1e-10)
+    node = z.grad_fn
+    while not hasattr(node, "lin"):  # down the views of the solution to the attaching Function
+        node = node.next_functions[0][0]
+    g1 = weakref.ref(node.lin.g)  # the evaluation whose saved tensors are shared
+    del node
+    del z
+    gc.collect()
+    assert g1() is None
+
+
+def test_a_map_reading_nothing_that_requires_grad_returns_a_plain_solution() -> None:
+    w = 0.3 * torch.eye(3, dtype=f64)
+    z = implicit.fixed_point(lambda z: torch.tanh(z @ w + 1.0), torch.zeros(3, dtype=f64), tol=1e-12)
+    assert not z.requires_grad
