@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 import torch
 
 import implicit
-from implicit._recompute import evaluate_without_saving
+from implicit._saved import evaluate_without_saving
 
 from . import methods as M
 from . import problems as P
@@ -144,7 +144,7 @@ def attach_cost(f: Any, z0: Any, prob: P.Problem, solver: str) -> None:
         f"  solve with grad (+ attach)   {t_g:10.1f} µs; attach costs {t_g - t_ng:.1f} µs = {(t_g - t_ng) / bare:.2f} bare f"
     )
     print(
-        f"  f with graph {t_graph:.1f} µs ({t_graph / bare:.2f} bare f); f keeping nothing (the attach's inner "
+        f"  f with graph {t_graph:.1f} µs ({t_graph / bare:.2f} bare f); f keeping nothing (the fallback of the attach's inner "
         f"evaluation) {t_nosave:.1f} µs ({t_nosave / bare:.2f} bare f); under torch.utils.checkpoint {t_ckpt:.1f} µs "
         f"({t_ckpt / bare:.2f} bare f)"
     )
