@@ -51,6 +51,7 @@ would reuse their level numbers and mistake their wrapped tensors for its own.
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -485,24 +486,25 @@ def _reads_other_leaves(g: torch.Tensor, leaf: torch.Tensor) -> bool:
 
     Every tensor that requires grad descends from leaves that do, so this is
     whether ``g`` depends on anything but ``leaf`` that requires grad. A
-    depth-first walk: it stops at the first such leaf, which for a map with
-    parameters is a few nodes down.
+    breadth-first walk that stops at the first such leaf: a map's own
+    parameters are a few nodes down, nearer than the graph of an encoder
+    that made its inputs.
     """
     if g.grad_fn is None:
         return g.requires_grad and g is not leaf
-    seen: set[Any] = set()
-    stack: list[Any] = [g.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    seen: set[Any] = {g.grad_fn}
+    queue: deque[Any] = deque(seen)
+    while queue:
+        node = queue.popleft()
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if variable is not None:
             if variable is not leaf:
                 return True
             continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        for next_node, _ in node.next_functions:
+            if next_node is not None and next_node not in seen:
+                seen.add(next_node)
+                queue.append(next_node)
     return False
 
 

@@ -228,3 +228,16 @@ def test_a_map_reading_nothing_that_requires_grad_returns_a_plain_solution() -> 
     w = 0.3 * torch.eye(3, dtype=f64)
     z = implicit.fixed_point(lambda z: torch.tanh(z @ w + 1.0), torch.zeros(3, dtype=f64), tol=1e-12)
     assert not z.requires_grad
+
+
+def test_gradient_reaches_an_encoder_through_an_input_that_is_not_a_leaf() -> None:
+    (w, _), z0, c = _mlp_problem(6)
+    w = w.detach()  # the map's only tensor requiring grad is the encoded input
+    g = torch.Generator().manual_seed(7)
+    enc = torch.randn(6, 3, dtype=f64, generator=g).requires_grad_()
+    inp = torch.randn(5, 3, dtype=f64, generator=g)
+    x = inp @ enc.T
+    z = implicit.fixed_point(lambda z: torch.tanh(z @ w.T + x), z0, batched=True, tol=1e-12)
+    (got,) = torch.autograd.grad((z * c).sum(), enc)
+    (dx,) = _dense_grads(lambda z, p: torch.tanh(z @ w.T + p[0]), [x.detach()], c)
+    torch.testing.assert_close(got, dx.T @ inp, rtol=1e-9, atol=1e-11)
