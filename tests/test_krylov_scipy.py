@@ -689,3 +689,16 @@ def test_newton_krylov_graphs_are_hidden_from_the_callers_saved_tensor_hooks() -
         )
     assert sol.converged and sol.stats.iterations > 1
     assert seen == 0
+
+
+def test_newton_krylov_evaluates_once_per_full_newton_step() -> None:
+    # Near the root every sample takes the full step: the line search's evaluation, recorded
+    # with its graph, serves the next step's products, so each Newton step costs one evaluation.
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, dtype=DT, generator=g) / 6
+    x = torch.randn(4, 6, dtype=DT, generator=g)
+    F = lambda z: z - torch.tanh(z @ W.T + x)  # noqa: E731
+    sol = implicit.solve(implicit.ImplicitProblem(F, batched=True), x.clone(), solver="newton_krylov", tol=1e-12)
+    assert sol.converged and sol.stats.iterations >= 2
+    assert sol.stats.nfe == sol.stats.iterations + 1
+    torch.testing.assert_close(F(sol.z.detach()), torch.zeros_like(x), rtol=0, atol=1e-11)

@@ -29,7 +29,9 @@ class _JacobianProduct:
     be recorded (under a ``torch.func`` transform) or where an operation of
     ``F`` has no double backward. ``nfe`` counts evaluations of ``F``: the
     recorded one, and each forward-mode product; a product through the graph
-    evaluates nothing.
+    evaluates nothing. The recorded evaluation is also ``F(z)`` itself
+    (:attr:`value`): the line search's full step is evaluated this way, and
+    when every sample takes it the next Newton step needs no evaluation.
     """
 
     def __init__(self, system: System, z: torch.Tensor) -> None:
@@ -39,7 +41,11 @@ class _JacobianProduct:
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
             with torch.enable_grad(), private_saved_tensors():
                 zz = z.detach().requires_grad_()
-                self.graph = JacobianFromGraph(zz, system.residual(zz))
+                f = system.residual(zz)
+                self.graph = JacobianFromGraph(zz, f)
+            self.value = f.detach()
+        else:
+            self.value = system.residual(z)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
@@ -133,7 +139,9 @@ class NewtonKrylov(Solver):
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         z = z0
-        f = system.residual(z)
+        product: _JacobianProduct | None = _JacobianProduct(system, z)
+        assert product is not None
+        f = product.value
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
         fn_prev: torch.Tensor | None = None
@@ -147,8 +155,10 @@ class NewtonKrylov(Solver):
             eta_k = torch.minimum(torch.maximum(eta, 0.5 * threshold / fn), torch.full_like(eta, self.eta_max))
             # Converged samples need no step: an infinite target leaves their direction at zero.
             target = torch.where(active, eta_k * fn, torch.full_like(fn, float("inf")))
+            if product is None:  # the line search backtracked: F's graph at the new iterate
+                product = _JacobianProduct(system, z)
             d = gmres(
-                _JacobianProduct(system, z),
+                product,
                 -f,
                 restart=self.restart,
                 tol=0.0,
@@ -156,7 +166,7 @@ class NewtonKrylov(Solver):
                 max_iter=self.max_inner,
                 confirm=False,
             ).x
-            z_new, f_new = self._step(system, z, f, fn, d, active)
+            z_new, f_new, product = self._step(system, z, f, fn, d, active)
             fn_prev = fn
             z, f = z_new, f_new
             fn = torch.linalg.vector_norm(f, dim=1)
@@ -177,17 +187,26 @@ class NewtonKrylov(Solver):
         fn: torch.Tensor,
         d: torch.Tensor,
         active: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next iterate and its residual, after a per-sample backtracking line search."""
+    ) -> tuple[torch.Tensor, torch.Tensor, _JacobianProduct | None]:
+        """The next iterate, its residual, and ``F``'s graph there if every sample took the full step.
+
+        A per-sample backtracking line search; the full step is evaluated
+        with its graph, which the next Newton step's products then use.
+        """
         if not self.line_search:
             z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
-            return z_new, system.residual(z_new)
+            product = _JacobianProduct(system, z_new)
+            return z_new, product.value, product
         lam = torch.ones_like(fn)
         decided = ~active
         z_new, f_new = z, f
         for trial in range(self.max_backtracks + 1):
             z_try = z + lam[:, None] * d
-            f_try = system.residual(z_try)
+            if trial == 0:
+                full = _JacobianProduct(system, z_try)
+                f_try = full.value
+            else:
+                f_try = system.residual(z_try)
             fn_try = torch.linalg.vector_norm(f_try, dim=1)
             accept = (fn_try <= (1 - self.armijo * lam) * fn) & ~decided
             if trial == self.max_backtracks:
@@ -196,7 +215,11 @@ class NewtonKrylov(Solver):
             z_new = torch.where(accept[:, None], z_try, z_new)
             f_new = torch.where(accept[:, None], f_try, f_new)
             decided = decided | accept
-            if trial == self.max_backtracks or bool(decided.all()):
+            if bool(decided.all()):
+                # After the first trial, every sample still moving took the full step (a
+                # frozen one has d = 0): the iterate is where F's graph was recorded.
+                return z_new, f_new, full if trial == 0 else None
+            if trial == self.max_backtracks:
                 break
             lam = torch.where(decided, lam, 0.5 * lam)
-        return z_new, f_new
+        return z_new, f_new, None
