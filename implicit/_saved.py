@@ -13,6 +13,7 @@ read.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +29,7 @@ _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", Non
 class _Slot:
     """One tensor saved for backward by both evaluations (or by one of them only)."""
 
-    __slots__ = ("meta", "packed", "raw")
+    __slots__ = ("__weakref__", "meta", "packed", "raw")
 
     def __init__(self, raw: torch.Tensor | None, packed: Any = None) -> None:
         # Tensors are held detached: a node's own output held with its history
@@ -59,7 +60,10 @@ class SharedSaves:
 
     def __init__(self, hooks: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None) -> None:
         self._hooks = hooks
-        self._slots: list[_Slot] = []
+        # Held weakly: a slot lives as long as a graph's node that saved it, so the
+        # temporaries of a graph that G builds and differentiates inside itself go
+        # with that graph.
+        self._slots: list[weakref.ref[_Slot]] = []
         self._matched = 0
         self._lock = threading.Lock()
 
@@ -87,9 +91,11 @@ class SharedSaves:
     def settle(self) -> None:
         """Hand the first evaluation's tensors left without a counterpart to the caller's hooks."""
         with self._lock:
-            for slot in self._slots:
-                if slot.raw is not None:
+            for ref in self._slots:
+                slot = ref()
+                if slot is not None and slot.raw is not None:
                     slot.packed, slot.raw = self._pack(slot.raw), None
+            self._slots = []
 
     def _pack(self, t: torch.Tensor) -> Any:
         return t if self._hooks is None else self._hooks[0](t)
@@ -97,18 +103,17 @@ class SharedSaves:
     def _pack_first(self, t: torch.Tensor) -> _Slot:
         slot = _Slot(t.detach())
         slot.meta = _meta(t)
-        self._slots.append(slot)
+        self._slots.append(weakref.ref(slot))
         return slot
 
     def _pack_second(self, t: torch.Tensor) -> _Slot:
         with self._lock:
             k = self._matched
             self._matched += 1
-            if k < len(self._slots):
-                slot = self._slots[k]
-                if slot.raw is not None and slot.meta == _meta(t):
-                    slot.packed, slot.raw = self._pack(t.detach()), None
-                    return slot
+            slot = self._slots[k]() if k < len(self._slots) else None
+            if slot is not None and slot.raw is not None and slot.meta == _meta(t):
+                slot.packed, slot.raw = self._pack(t.detach()), None
+                return slot
         return _Slot(None, self._pack(t.detach()))
 
     def _unpack(self, slot: _Slot) -> torch.Tensor:

@@ -241,3 +241,21 @@ def test_gradient_reaches_an_encoder_through_an_input_that_is_not_a_leaf() -> No
     (got,) = torch.autograd.grad((z * c).sum(), enc)
     (dx,) = _dense_grads(lambda z, p: torch.tanh(z @ w.T + p[0]), [x.detach()], c)
     torch.testing.assert_close(got, dx.T @ inp, rtol=1e-9, atol=1e-11)
+
+
+def test_a_map_that_differentiates_inside_itself() -> None:
+    """``f(z) = z - α ∇E(z)``, whose own inner graph is saved and read back while the attach records."""
+    (w, x), z0, c = _mlp_problem(8)
+
+    def grad_step(z: torch.Tensor, p: list[torch.Tensor]) -> torch.Tensor:
+        w, x = p
+        with torch.enable_grad():
+            zz = z if z.requires_grad else z.detach().requires_grad_()
+            energy = torch.nn.functional.softplus(zz @ w.T + x).sum() + 0.5 * (zz**2).sum()
+            (g,) = torch.autograd.grad(energy, zz, create_graph=True)
+        return z - 0.5 * g
+
+    z = implicit.fixed_point(lambda z: grad_step(z, [w, x]), z0, batched=True, tol=1e-12)
+    grads = torch.autograd.grad((z * c).sum(), [w, x])
+    for got, want in zip(grads, _dense_grads(grad_step, [w, x], c)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
