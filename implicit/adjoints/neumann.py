@@ -25,11 +25,13 @@ class NeumannAdjoint(AdjointSolver):
 
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         # The partial sum x = b + M b + ... + Mᵏ b has residual M x + b - x =
-        # Mᵏ⁺¹ b, the next term: one product and one sum per iteration. A
-        # converged sample keeps its sum and its term (its residual).
+        # Mᵏ⁺¹ b, the next term: one product and one sum per iteration. Every
+        # sample keeps adding terms until all have converged: the products are
+        # made for the whole batch anyway, a converged sample only gains
+        # accuracy, and its reported residual stays exactly its sum's.
         x = term = b
         while True:
-            term = monitor.freeze(op(term), term)
+            term = op(term)
             if monitor.check(x, term):
                 return x
-            x = monitor.freeze(x + term, x)
+            x = x + term
