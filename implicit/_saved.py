@@ -5,9 +5,12 @@ Newton step and ``G(z_a)`` for the outer one, where ``z_a`` equals ``z*`` in
 value and memory. The two evaluations run the same operations on the same
 values, so the tensors they save for backward are equal: :class:`SharedSaves`
 keeps one set for both graphs, and neither backward has anything to
-recompute. :func:`evaluate_without_saving` (keep nothing, recompute on
-demand) is the fallback where the caller's saved-tensor hooks cannot be
-read.
+recompute. Under saved-tensor hooks of the caller's own (offloading with
+``save_on_cpu``, ``torch.utils.checkpoint`` around the solve, byte counters)
+the two graphs must not read one packed tensor twice (``checkpoint`` refuses
+it), so there the first evaluation keeps nothing and is recomputed when a
+backward pass needs it (:func:`evaluate_without_saving`), and the caller's
+hooks see the second evaluation's tensors only.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", Non
 class _Slot:
     """One tensor saved for backward by both evaluations (or by one of them only)."""
 
-    __slots__ = ("__weakref__", "meta", "packed", "raw")
+    __slots__ = ("__weakref__", "meta", "tensor")
 
-    def __init__(self, raw: torch.Tensor | None, packed: Any = None) -> None:
-        # Tensors are held detached: a node's own output held with its history
-        # would hold the node, and so the graph, in a cycle that is never freed.
-        self.raw = raw  # the first evaluation's tensor, until the second one replaces it
-        self.packed = packed  # what the caller's pack hook made of the tensor kept
-        self.meta: tuple[Any, ...] | None = None
+    def __init__(self, tensor: torch.Tensor, meta: tuple[Any, ...] | None = None) -> None:
+        # Held detached: a node's own output held with its history would hold
+        # the node, and so the graph, in a cycle that is never freed.
+        self.tensor = tensor
+        self.meta = meta  # set while the slot may still be matched by the second evaluation
 
 
 class SharedSaves:
@@ -46,20 +48,15 @@ class SharedSaves:
     evaluation's ``k``-th saved tensor takes the ``k``-th slot when its
     shape, dtype, device and ``requires_grad`` agree (the two inputs must
     both require grad: autograd saves different tensors for an input that
-    does not): the slot then keeps the second
-    evaluation's tensor (whose output ``G(z_a)`` stays alive anyway) and the
-    first one's is released. A tensor without a counterpart keeps a slot of
-    its own. The caller's own saved-tensor hooks (offloading to the CPU,
-    counting bytes) are applied once to each tensor kept, when it is settled,
-    and their unpack hook whenever a backward pass reads it; so they see one
-    evaluation's worth of tensors, as without sharing.
+    does not): the slot then holds the second evaluation's tensor (whose
+    output ``G(z_a)`` stays alive anyway) and the first one's is released. A
+    tensor without a counterpart keeps a slot of its own.
 
     Use :meth:`create`, run the evaluations under :meth:`first` and
     :meth:`second`, then :meth:`settle`.
     """
 
-    def __init__(self, hooks: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None) -> None:
-        self._hooks = hooks
+    def __init__(self) -> None:
         # Held weakly: a slot lives as long as a graph's node that saved it, so the
         # temporaries of a graph that G builds and differentiates inside itself go
         # with that graph.
@@ -69,40 +66,35 @@ class SharedSaves:
 
     @classmethod
     def create(cls) -> SharedSaves | None:
-        """Hooks for the calling context, or ``None`` where saved-tensor hooks are unavailable.
+        """Hooks for the calling context, or ``None`` where they cannot be used.
 
-        Unavailable: disabled (a ``torch.func`` transform is active), or the
-        caller's hooks cannot be read (PyTorch before they could be).
+        Not usable: saved-tensor hooks are disabled (a ``torch.func``
+        transform is active), the caller has hooks of their own, or they
+        cannot be read (PyTorch before they could be).
         """
         if _top_hooks is None or not torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
             return None
-        return cls(_top_hooks(False))
+        if _top_hooks(False) is not None:
+            return None
+        return cls()
 
     @contextmanager
     def first(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack_first, self._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_first, _unpack):
             yield
 
     @contextmanager
     def second(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack_second, self._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_second, _unpack):
             yield
 
     def settle(self) -> None:
-        """Hand the first evaluation's tensors left without a counterpart to the caller's hooks."""
+        """End the matching: the first evaluation's slots are no longer looked up."""
         with self._lock:
-            for ref in self._slots:
-                slot = ref()
-                if slot is not None and slot.raw is not None:
-                    slot.packed, slot.raw = self._pack(slot.raw), None
             self._slots = []
 
-    def _pack(self, t: torch.Tensor) -> Any:
-        return t if self._hooks is None else self._hooks[0](t)
-
     def _pack_first(self, t: torch.Tensor) -> _Slot:
-        slot = _Slot(t.detach())
-        slot.meta = _meta(t)
+        slot = _Slot(t.detach(), _meta(t))
         self._slots.append(weakref.ref(slot))
         return slot
 
@@ -111,17 +103,14 @@ class SharedSaves:
             k = self._matched
             self._matched += 1
             slot = self._slots[k]() if k < len(self._slots) else None
-            if slot is not None and slot.raw is not None and slot.meta == _meta(t):
-                slot.packed, slot.raw = self._pack(t.detach()), None
+            if slot is not None and slot.meta == _meta(t):
+                slot.tensor, slot.meta = t.detach(), None
                 return slot
-        return _Slot(None, self._pack(t.detach()))
+        return _Slot(t.detach())
 
-    def _unpack(self, slot: _Slot) -> torch.Tensor:
-        with self._lock:
-            raw, packed = slot.raw, slot.packed
-        if raw is not None:  # read before settling (a backward inside the map)
-            return raw
-        return packed if self._hooks is None else self._hooks[1](packed)
+
+def _unpack(slot: _Slot) -> torch.Tensor:
+    return slot.tensor
 
 
 def _meta(t: torch.Tensor) -> tuple[Any, ...]:

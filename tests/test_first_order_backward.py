@@ -178,15 +178,39 @@ def test_the_two_evaluations_share_saved_tensors_and_backward_evaluates_nothing(
         calls += 1
         return torch.tanh(torch.tanh(z @ w.T + x) @ w.T)
 
-    one, _ = _saved_bytes(lambda: f(z0.clone().requires_grad_()))
-    saved, z = _saved_bytes(
-        lambda: implicit.fixed_point(f, z0, batched=True, solver="anderson", adjoint="neumann", tol=1e-12)
-    )
-    assert saved == one  # the caller's hooks see one evaluation's tensors
+    def solve() -> torch.Tensor:
+        return implicit.fixed_point(f, z0, batched=True, solver="anderson", adjoint="neumann", tol=1e-12)
+
+    ref = _dense_grads(_two_layer, [w, x], c)
+    z = solve()
     calls = 0
     grads = torch.autograd.grad((z * c).sum(), [w, x])
     assert calls == 0  # nothing evaluated again
-    for got, want in zip(grads, _dense_grads(_two_layer, [w, x], c)):
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    # Under hooks of the caller's own, the first evaluation keeps nothing (it is evaluated
+    # again in the backward pass) and the hooks see one evaluation's tensors.
+    one, _ = _saved_bytes(lambda: f(z0.clone().requires_grad_()))
+    saved, z = _saved_bytes(solve)
+    assert saved == one
+    calls = 0
+    grads = torch.autograd.grad((z * c).sum(), [w, x])
+    assert calls == 1
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_solve_inside_torch_utils_checkpoint(reentrant: bool) -> None:
+    (w, x), z0, c = _mlp_problem(9)
+
+    def block(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        z = implicit.fixed_point(lambda z: torch.tanh(z @ w.T + x), z0, batched=True, tol=1e-12)
+        return (z * c).sum()
+
+    loss = torch.utils.checkpoint.checkpoint(block, w, x, use_reentrant=reentrant)
+    loss.backward()  # reentrant checkpointing supports backward(), not autograd.grad
+    for got, want in zip([w.grad, x.grad], _dense_grads(_one_layer, [w, x], c)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
