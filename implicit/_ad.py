@@ -59,18 +59,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._functorch.autograd_function import custom_function_call
 from torch._functorch.utils import unwrap_dead_wrappers
-from torch.overrides import has_torch_function
-
-try:  # the engine entry of torch.autograd.grad (PyTorch >= 2.3)
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover
-    _engine_run_backward = None  # type: ignore[assignment]
 
 from ._adjoint import AdjointSolver, LinearOperator
 from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import System
-from ._products import JacobianFromGraph
+from ._products import JacobianFromGraph, vjp
 from ._saved import SharedSaves, evaluate_without_saving
 from ._stats import SolverStats
 from ._transforms import no_tangents, plain, vmapped
@@ -157,7 +151,7 @@ class Linearisation:
         assert self.g is not None and self.z is not None
         with torch.enable_grad():
             try:
-                return _vjp(self.g, self.z, v)
+                return vjp(self.g, self.z, v)
             except RuntimeError as exc:
                 # The engine frees the forward graph once a backward without
                 # retain_graph has passed through it; a later solve (a
@@ -166,7 +160,7 @@ class Linearisation:
                 if "second time" not in str(exc):
                     raise
                 self.record_graph()
-                return _vjp(self.g, self.z, v)
+                return vjp(self.g, self.z, v)
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """``J v``: from the recorded graph of ``G`` at the solution when there is one, else by forward mode.
@@ -506,19 +500,6 @@ def _reads_other_leaves(g: torch.Tensor, leaf: torch.Tensor) -> bool:
                 seen.add(next_node)
                 queue.append(next_node)
     return False
-
-
-def _vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(∂g/∂z)ᵀ v`` through the recorded graph, which is kept.
-
-    ``torch.autograd.grad`` less its argument normalisation, which costs
-    about as much as the engine call itself on small problems (the adjoint
-    solvers make one call per iteration; the arguments here are always one
-    tensor each, of matching shapes).
-    """
-    if _engine_run_backward is None or has_torch_function((g, z, v)):
-        return torch.autograd.grad(g, z, v, retain_graph=True)[0]
-    return _engine_run_backward((g,), (v,), True, False, (z,), False, accumulate_grad=False)[0]  # type: ignore[no-any-return]
 
 
 def _tracked_by_outer_transform(t: torch.Tensor) -> bool:

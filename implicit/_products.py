@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import torch
+from torch.overrides import has_torch_function
 
-__all__ = ["JacobianFromGraph", "private_saved_tensors"]
+try:  # the engine entry of torch.autograd.grad (PyTorch >= 2.3)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover
+    _engine_run_backward = None  # type: ignore[assignment]
+
+__all__ = ["JacobianFromGraph", "private_saved_tensors", "vjp"]
+
+
+def vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(∂g/∂z)ᵀ v`` through the recorded graph, which is kept.
+
+    ``torch.autograd.grad`` less its argument normalisation, which costs
+    about as much as the engine call itself on small problems (the adjoint
+    solvers and Newton–Krylov's inner solve make one call per iteration; the
+    arguments here are always one tensor each, of matching shapes).
+    """
+    if _engine_run_backward is None or has_torch_function((g, z, v)):
+        return torch.autograd.grad(g, z, v, retain_graph=True)[0]
+    return _engine_run_backward((g,), (v,), True, False, (z,), False, accumulate_grad=False)[0]  # type: ignore[no-any-return]
 
 
 class JacobianFromGraph:
@@ -36,8 +55,7 @@ class JacobianFromGraph:
                 self._w, self._jtw = w, jtw
             if self._jtw is None or not self._jtw.requires_grad:  # g does not depend on z
                 return torch.zeros_like(v)
-            (out,) = torch.autograd.grad(self._jtw, self._w, v, retain_graph=True)
-        return out
+            return vjp(self._jtw, self._w, v)
 
 
 class private_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
