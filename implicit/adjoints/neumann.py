@@ -29,9 +29,9 @@ class NeumannAdjoint(AdjointSolver):
         # sample keeps adding terms until all have converged: the products are
         # made for the whole batch anyway, a converged sample only gains
         # accuracy, and its reported residual stays exactly its sum's.
-        x = term = b
+        x, term = b.clone(), b
         while True:
             term = op(term)
             if monitor.check(x, term):
                 return x
-            x = x + term
+            x.add_(term)  # x is this solve's own: summed in place, no tensor per iteration

@@ -105,6 +105,10 @@ class _AndersonState:
         ]
         self.views = Views[tuple[int, int], _StepViews](lambda jn: full[jn[0]].narrow(jn[1]))
 
+    def next_views(self) -> _StepViews:
+        """The views of the step about to be taken: the oldest slot written, the slots in use."""
+        return self.views[self.k % self.slots, min(self.k + 1, self.slots)]
+
 
 @register_solver("anderson")
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +181,7 @@ class Anderson(IterativeSolver):
         state = self.init(system, z0)
         z = z0
         while True:
-            v = state.views[state.k % state.slots, min(state.k + 1, state.slots)]
+            v = state.next_views()
             g = system.map(z)
             r = torch.sub(g, z, out=v.r_slot)
             if monitor.check(z, r):
@@ -191,7 +195,7 @@ class Anderson(IterativeSolver):
     def step(
         self, system: System, z: torch.Tensor, r: torch.Tensor, state: _AndersonState, monitor: Monitor
     ) -> torch.Tensor:
-        v = state.views[state.k % state.slots, min(state.k + 1, state.slots)]
+        v = state.next_views()
         torch.add(z, r, alpha=self.beta, out=v.g_slot)
         v.r_slot.copy_(r)
         return self._mix(state, v)
