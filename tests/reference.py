@@ -8,6 +8,7 @@ by hand, so the library is checked against it rather than against itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -75,3 +76,17 @@ def ift_grads(
         Jp = torch.autograd.functional.jacobian(g_of_p, p).reshape(n, -1)
         grads.append((u @ Jp).reshape(p.shape))
     return grads
+
+
+def saved_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """The bytes autograd saves for backward while ``fn`` runs (each packed tensor counted), and what it returns."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ADJOINTS, SOLVERS
 from problems import f64
+from reference import saved_bytes
 
 import implicit
 
@@ -247,17 +248,11 @@ def _saved_bytes(max_iter: int) -> int:
     W = 0.98 * torch.eye(64, dtype=torch.float32)
     lin = torch.nn.Linear(64, 64)
     x = torch.randn(8, 64)
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        implicit.fixed_point(lambda z: z @ W.T + 0.01 * torch.tanh(lin(z) + x), torch.zeros(8, 64),
-                             batched=True, solver="fixed_point", adjoint="neumann", max_iter=max_iter,
-                             tol=1e-9, on_failure="ignore")
+    total, _ = saved_bytes(
+        lambda: implicit.fixed_point(lambda z: z @ W.T + 0.01 * torch.tanh(lin(z) + x), torch.zeros(8, 64),
+                                     batched=True, solver="fixed_point", adjoint="neumann", max_iter=max_iter,
+                                     tol=1e-9, on_failure="ignore")
+    )
     return total
 
 

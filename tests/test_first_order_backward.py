@@ -6,27 +6,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from problems import two_variable_map, two_variable_params, two_variable_z0
+from reference import ift_grads, picard, saved_bytes
 
 import implicit
 from implicit._saved import evaluate_without_saving
-from tests.problems import two_variable_map, two_variable_params, two_variable_z0
-from tests.reference import ift_grads, picard
 
 f64 = torch.float64
-
-
-def _saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """The bytes autograd saves while ``fn`` runs, and what it returns."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
 
 
 def _mlp(w: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,7 +25,7 @@ def test_keeps_nothing_and_matches_the_plain_gradient_and_hessian() -> None:
     x = torch.randn(3, 6, dtype=f64, generator=g)
     z = torch.randn(3, 6, dtype=f64, generator=g)
     f = _mlp(w, x)
-    saved, out = _saved_bytes(lambda: evaluate_without_saving(f, z))
+    saved, out = saved_bytes(lambda: evaluate_without_saving(f, z))
     assert saved == 0
     ref = f(z)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -190,8 +176,8 @@ def test_the_two_evaluations_share_saved_tensors_and_backward_evaluates_nothing(
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     # Under hooks of the caller's own, the first evaluation keeps nothing (it is evaluated
     # again in the backward pass) and the hooks see one evaluation's tensors.
-    one, _ = _saved_bytes(lambda: f(z0.clone().requires_grad_()))
-    saved, z = _saved_bytes(solve)
+    one, _ = saved_bytes(lambda: f(z0.clone().requires_grad_()))
+    saved, z = saved_bytes(solve)
     assert saved == one
     calls = 0
     grads = torch.autograd.grad((z * c).sum(), [w, x])
