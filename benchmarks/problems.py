@@ -15,6 +15,7 @@ vector-Jacobian products with unit vectors), one dense solve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,6 +279,55 @@ class Reference:
     z_star: State  # float64
     grads: list[torch.Tensor]  # float64, one per parameter
     sample_norms: torch.Tensor  # ‖z*_b‖, (B,)
+    spectrum: Spectrum | None = None  # of ∂f/∂z at z*, sample 0
+
+
+@dataclass
+class Spectrum:
+    """Where the eigenvalues of one sample's Jacobian ``∂f/∂z`` at ``z*`` lie.
+
+    What any method built from products with the Jacobian can gain over
+    Picard iteration (whose error shrinks like ``ρᵏ``) depends on this: on a
+    real interval ``[-ρ, ρ]`` a polynomial of degree ``k`` that is 1 at 1 can
+    be as small as about ``(ρ / (1 + √(1 - ρ²)))ᵏ`` (Chebyshev), while on a
+    disc ``|λ| ≤ ρ`` none is smaller than ``ρᵏ`` (maximum modulus principle):
+    Anderson acceleration and GMRES then need as many iterations as Picard.
+    """
+
+    radius: float  # spectral radius ρ
+    complex_share: float  # share of eigenvalues with |Im λ| > 1e-6 ρ
+    imag_max: float  # max |Im λ|
+    real_min: float
+    real_max: float
+
+    @staticmethod
+    def of(jacobian: torch.Tensor) -> Spectrum:
+        ev = torch.linalg.eigvals(jacobian)
+        rho = float(ev.abs().max())
+        return Spectrum(
+            radius=rho,
+            complex_share=float((ev.imag.abs() > 1e-6 * rho).double().mean()),
+            imag_max=float(ev.imag.abs().max()),
+            real_min=float(ev.real.min()),
+            real_max=float(ev.real.max()),
+        )
+
+    @property
+    def chebyshev_rate(self) -> float:
+        """The asymptotic error factor per iteration that an interval ``[-ρ, ρ]`` allows."""
+        return self.radius / (1.0 + math.sqrt(max(0.0, 1.0 - self.radius**2)))
+
+    def describe(self) -> str:
+        rho = self.radius
+        where = (
+            f"{100 * self.complex_share:.0f} % of them complex, filling a disc (|Im λ| up to {self.imag_max:.2f}, "
+            f"Re λ in [{self.real_min:.2f}, {self.real_max:.2f}]): on a disc no polynomial acceleration beats "
+            f"Picard's ρᵏ, so Anderson and GMRES cannot need fewer iterations than Picard"
+            if self.complex_share > 0.5
+            else f"real, in [{self.real_min:.2f}, {self.real_max:.2f}]: acceleration can reach about "
+            f"{self.chebyshev_rate:.2f} per iteration against Picard's {rho:.2f}"
+        )
+        return f"Eigenvalues of ∂f/∂z at z* (sample 0): spectral radius ρ = {rho:.2f}, {where}."
 
     def error(self, grads: list[torch.Tensor]) -> float:
         num = sum(float((g.detach().to(f64).cpu() - r).pow(2).sum()) for g, r in zip(grads, self.grads))
@@ -312,4 +362,9 @@ def reference(spec: Spec, chunk: int = 128) -> Reference:
         u = torch.linalg.solve((torch.eye(n, dtype=f64) - J).mT, c.unsqueeze(-1)).squeeze(-1)
         g_out = prob.f_flat(z_star)
         grads = torch.autograd.grad(g_out, prob.params, u)
-    return Reference(z_star=prob.unflatten(z_star), grads=[g.detach() for g in grads], sample_norms=z_star.norm(dim=1))
+    return Reference(
+        z_star=prob.unflatten(z_star),
+        grads=[g.detach() for g in grads],
+        sample_norms=z_star.norm(dim=1),
+        spectrum=Spectrum.of(J[0].detach()),
+    )

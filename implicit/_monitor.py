@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 
 import torch
 
 from ._stats import SolverStats
 from ._structure import Structure
 
-__all__ = ["Monitor"]
+__all__ = ["HOST_NUMEL", "Monitor"]
+
+HOST_NUMEL = 64
+"""The largest state (``B·N`` numbers) that a :class:`Monitor` checks in Python arithmetic on the CPU."""
+
+
+def _norms(rows: list[list[float]]) -> list[float]:
+    """The Euclidean norm of each row of a ``tolist()``-ed ``(B, N)`` tensor."""
+    return [math.hypot(*row) for row in rows]
 
 
 class Monitor:
@@ -28,6 +38,13 @@ class Monitor:
         max_iter: The most steps the solver may take.
         reference: Per-sample norms ``(B,)`` to scale ``tol`` by instead of
             ``‖z‖`` (a linear solve ``A x = b`` passes ``‖b‖``).
+
+    A state of at most :data:`HOST_NUMEL` numbers on the CPU is checked in
+    Python arithmetic on its values (read with ``tolist``): for so few
+    numbers each tensor operation costs more than the arithmetic, and on a
+    CPU reading values back costs no synchronisation. The decisions are the
+    same (the norms are taken in double precision); the residual norms,
+    masks and history are turned into tensors when asked for.
     """
 
     def __init__(
@@ -45,14 +62,37 @@ class Monitor:
         self.atol = atol
         self.max_iter = max_iter
         self.iterations = 0
-        self.history: list[torch.Tensor] = []
-        self.residual: torch.Tensor | None = None
+        # The residual norms of every check, and the last margins ‖F(z)‖ - tol·‖z‖:
+        # (B,) tensors, or lists of floats on the host path.
+        self._history: list[torch.Tensor] | list[list[float]] = []
         self.nonfinite: list[str] = []
         self.message = ""
-        self._margin: torch.Tensor | None = None
+        self._host = structure.device.type == "cpu" and structure.batch * structure.size <= HOST_NUMEL
+        self._reference = None if reference is None or not self._host else reference.tolist()
+        self._margin: torch.Tensor | list[float] | None = None
+        self._residual: torch.Tensor | None = None
         self._active: torch.Tensor | None = None
         self._converged: torch.Tensor | None = None
         self._frozen = False  # whether any sample has converged (only then is freezing needed)
+
+    def _tensor(self, values: list[float] | list[bool]) -> torch.Tensor:
+        return torch.tensor(values, dtype=None if isinstance(values[0], bool) else self.structure.dtype)
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        """Per-sample residual norms ``‖F(z)‖`` ``(B,)`` at the last check (``None`` before)."""
+        if self._residual is None and self._history:
+            last = self._history[-1]
+            self._residual = last if isinstance(last, torch.Tensor) else self._tensor(last)
+        return self._residual
+
+    @property
+    def history(self) -> torch.Tensor:
+        """The residual norms of every check so far, ``(checks, B)``."""
+        first = self._history[0]
+        if isinstance(first, torch.Tensor):
+            return torch.stack(self._history)  # type: ignore[arg-type]
+        return self._tensor(self._history)  # type: ignore[arg-type]
 
     @property
     def converged(self) -> torch.Tensor | None:
@@ -60,7 +100,8 @@ class Monitor:
         if self._margin is None:
             return None
         if self._converged is None:
-            self._converged = self._margin <= self.atol
+            m, atol = self._margin, self.atol
+            self._converged = m <= atol if isinstance(m, torch.Tensor) else self._tensor([v <= atol for v in m])
         return self._converged
 
     @property
@@ -69,21 +110,24 @@ class Monitor:
         if self._margin is None:
             return None
         if self._active is None:
-            self._active = self._margin > self.atol
+            m, atol = self._margin, self.atol
+            self._active = m > atol if isinstance(m, torch.Tensor) else self._tensor([v > atol for v in m])
         return self._active
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         """Record the residual of iterate ``z`` and say whether to stop."""
+        if self._host:
+            return self._check_host(z, _norms(r.tolist()), None, lambda: r)
+        self._residual = self._active = self._converged = None
         rn = torch.linalg.vector_norm(r, dim=1)
         zn = torch.linalg.vector_norm(z, dim=1) if self.reference is None else self.reference
         # ‖F(z)‖ - tol·‖z‖ ≤ atol where converged; its maximum answers "all
         # converged?" and, being NaN or infinite otherwise, "all finite?" in
         # the single host synchronisation of the iteration.
         margin = torch.sub(rn, zn, alpha=self.tol)
-        self.history.append(rn)
-        self.residual = rn
+        self._history.append(rn)  # type: ignore[arg-type]
+        self._residual = rn
         self._margin = margin
-        self._active = self._converged = None
         if margin.numel() == 1:
             worst = best = float(margin)
         else:
@@ -91,12 +135,57 @@ class Monitor:
             worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
         self._frozen = best <= self.atol
         if not math.isfinite(worst) and not bool(torch.isfinite(rn).all() & torch.isfinite(zn).all()):
-            # r may be a (B, 1) vector of residual norms (gmres within a cycle): no variables to name.
-            bad = (self.structure.nonfinite(r) if r.shape[1] == z.shape[1] else []) or self.structure.nonfinite(z)
-            bad = bad or ["(unknown)"]
-            self.nonfinite = bad
-            self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
-            return True
+            return self._stop_nonfinite(z, r)
+        return self._decide(worst)
+
+    def check_map(self, z: torch.Tensor, g: torch.Tensor) -> bool:
+        """``check(z, g - z)`` for the value ``g = G(z)`` of a fixed-point map.
+
+        On the host path the difference is taken on the values read, and
+        formed as a tensor only if a non-finite value must be named.
+        """
+        if not self._host:
+            return self.check(z, g - z)
+        z_rows = z.tolist()
+        rn = [math.hypot(*map(operator.sub, g_row, z_row)) for g_row, z_row in zip(g.tolist(), z_rows)]
+        return self._check_host(z, rn, z_rows, lambda: g - z)
+
+    def _check_host(
+        self,
+        z: torch.Tensor,
+        rn: list[float],
+        z_rows: list[list[float]] | None,
+        residual: Callable[[], torch.Tensor],
+    ) -> bool:
+        """:meth:`check` given the residual norms (and ``z``'s values, read here if not given)."""
+        self._residual = self._active = self._converged = None
+        if self._reference is not None:
+            zn = self._reference
+        else:
+            zn = _norms(z.tolist() if z_rows is None else z_rows)
+        tol = self.tol
+        margin = [a - tol * b for a, b in zip(rn, zn)]
+        self._history.append(rn)  # type: ignore[arg-type]
+        self._margin = margin
+        if all(map(math.isfinite, margin)):
+            self._frozen = min(margin) <= self.atol
+            return self._decide(max(margin))
+        self._frozen = min((v for v in margin if v == v), default=math.inf) <= self.atol
+        if not all(map(math.isfinite, rn + zn)):
+            return self._stop_nonfinite(z, residual())
+        return self._decide(math.nan)
+
+    def _stop_nonfinite(self, z: torch.Tensor, r: torch.Tensor) -> bool:
+        """Name the variables holding a NaN or infinity, and stop."""
+        # r may be a (B, 1) vector of residual norms (gmres within a cycle): no variables to name.
+        bad = (self.structure.nonfinite(r) if r.shape[1] == z.shape[1] else []) or self.structure.nonfinite(z)
+        bad = bad or ["(unknown)"]
+        self.nonfinite = bad
+        self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
+        return True
+
+    def _decide(self, worst: float) -> bool:
+        """Stop when every sample has converged (``worst`` margin within ``atol``) or at ``max_iter``."""
         if worst <= self.atol:
             self.message = f"converged in {self.iterations} iterations"
             return True
@@ -115,9 +204,9 @@ class Monitor:
     def stats(self, solver: str, nfe: int, batched: bool) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""
         converged = self.converged
-        assert self.residual is not None and converged is not None, "check() was never called"
-        history = torch.stack(self.history)
-        residual = self.residual
+        assert self._history and converged is not None, "check() was never called"
+        history = self.history
+        residual = self._residual if self._residual is not None else history[-1]
         if not batched:
             residual, converged, history = residual[0], converged[0], history[:, 0]
         return SolverStats(

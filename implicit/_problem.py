@@ -88,9 +88,7 @@ class System:
     def call(self, z: torch.Tensor) -> torch.Tensor:
         """The user's function at flat ``z``, flattened (``f`` or ``F``)."""
         self.nfe += 1
-        out = self.problem.fn(self.structure.unflatten(z))
-        self.structure.check(out, self._what)
-        return self.structure.flatten(out)
+        return self.structure.flatten_output(self.problem.fn(self.structure.unflatten(z)), self._what)
 
     def map(self, z: torch.Tensor) -> torch.Tensor:
         """The fixed-point map ``G(z)``."""

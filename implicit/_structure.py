@@ -18,6 +18,9 @@ from ._transforms import VMAP_UNSUPPORTED, vmapped
 __all__ = ["Structure"]
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
@@ -98,6 +101,7 @@ class Structure:
         # (n,) when not: a variable already of that shape needs no view either way.
         rows = [(self.batch, n) if batched else (n,) for n in self.sizes]
         self._is_row = [shape == row for shape, row in zip(self.shapes, rows)]
+        self._all_rows = all(self._is_row)
 
     def name(self, key: Any) -> str:
         """How a variable is called in messages: ``z['x']``, ``z[0]`` or ``z``."""
@@ -115,24 +119,70 @@ class Structure:
         """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
         if self.kind == "tensor":
             return state.reshape(self.batch, self.size)
-        tensors = self.variables(state)
+        return self._concatenate(self.variables(state))
+
+    def flatten_output(self, out: Any, what: str) -> torch.Tensor:
+        """:meth:`check` then :meth:`flatten`, ``out`` returned by ``what``.
+
+        What a function returns is nearly always right: that case is
+        recognised with a few comparisons per variable (plain tensors of the
+        right shape, dtype and device), and anything else goes through
+        :meth:`check`, which names what is wrong.
+        """
+        kind = self.kind
+        if kind == "tensor":
+            tensors = [out]
+        elif kind == "dict":
+            tensors = []
+            if (type(out) is dict or isinstance(out, Mapping)) and len(out) == len(self.keys):
+                try:
+                    tensors = [out[k] for k in self.keys]
+                except KeyError:  # check() names the keys
+                    pass
+        else:
+            ok = isinstance(out, (tuple, list)) and len(out) == len(self.keys)
+            tensors = list(out) if ok else []
+        dtype, device = self.dtype, self.device
+        plain = len(tensors) == len(self.shapes)
+        for t, shape in zip(tensors, self.shapes):
+            if not (
+                isinstance(t, torch.Tensor)
+                and t.shape == shape
+                and t.dtype == dtype
+                and t.device == device
+                and not _wrapped(t)  # under torch.func: check() looks through the wrappers
+            ):
+                plain = False
+                break
+        if not plain:
+            self.check(out, what)
+            tensors = self.variables(out)
+        if kind == "tensor":
+            return tensors[0].reshape(self.batch, self.size)
+        return self._concatenate(tensors)
+
+    def _concatenate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.batched:
-            rows = [t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)]
-            return torch.cat(rows, dim=1)
-        rows = [t if row else t.reshape(-1) for t, row in zip(tensors, self._is_row)]
-        return torch.cat(rows).view(1, self.size)
+            if not self._all_rows:
+                tensors = [t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)]
+            return torch.cat(tensors, dim=1)
+        if not self._all_rows:
+            tensors = [t if row else t.reshape(-1) for t, row in zip(tensors, self._is_row)]
+        return torch.cat(tensors).view(1, self.size)
 
     def unflatten(self, flat: torch.Tensor) -> Any:
         """The inverse of :meth:`flatten`; returns views of ``flat``."""
         if self.kind == "tensor":
             return flat.view(self.shapes[0])
-        pieces = flat.split_with_sizes(self.sizes, 1) if self.batched else flat.reshape(-1).split_with_sizes(self.sizes)
-        parts = [p if row else p.view(s) for p, s, row in zip(pieces, self.shapes, self._is_row)]
+        parts: Sequence[torch.Tensor]
+        parts = flat.split_with_sizes(self.sizes, 1) if self.batched else flat.reshape(-1).split_with_sizes(self.sizes)
+        if not self._all_rows:
+            parts = [p if row else p.view(s) for p, s, row in zip(parts, self.shapes, self._is_row)]
         if self.kind == "dict":
             return dict(zip(self.keys, parts))
         if self.kind == "tuple":
             return tuple(parts)
-        return parts
+        return list(parts)
 
     def check(self, out: Any, what: str) -> None:
         """Validate ``out`` (returned by ``what``) against this structure.

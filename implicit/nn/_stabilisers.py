@@ -32,9 +32,7 @@ def _linearise(f: Callable[[Any], Any], z: Any, batched: bool) -> tuple[Structur
     structure = Structure(z, batched)
     z_flat = structure.flatten(z).detach().requires_grad_()
     with torch.enable_grad():
-        out = f(structure.unflatten(z_flat))
-        structure.check(out, "the map f")
-        g = structure.flatten(out)
+        g = structure.flatten_output(f(structure.unflatten(z_flat)), "the map f")
     return structure, z_flat, g
 
 

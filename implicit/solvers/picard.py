@@ -41,7 +41,7 @@ class FixedPointIteration(IterativeSolver):
         z = z0
         while True:
             g = system.map(z)
-            if monitor.check(z, g - z):
+            if monitor.check_map(z, g):
                 return z
             z = monitor.freeze(g, z)
 
