@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -269,3 +271,32 @@ def test_a_map_that_differentiates_inside_itself() -> None:
     grads = torch.autograd.grad((z * c).sum(), [w, x])
     for got, want in zip(grads, _dense_grads(grad_step, [w, x], c)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_an_adjoint_that_stops_short_is_corrected_by_the_inner_step() -> None:
+    """The inner Newton step receives the adjoint's true residual: a solve that claimed convergence too early
+    (an Arnoldi residual, say, that the basis no longer backs) is followed by a correcting solve."""
+    calls: list[int] = []
+
+    @dataclass(frozen=True, kw_only=True)
+    class StopsShortOnce(implicit.AdjointSolver):
+        def solve(self, op: implicit.LinearOperator, b: torch.Tensor, monitor: Any) -> torch.Tensor:
+            calls.append(b.shape[0])
+            if len(calls) == 1:
+                x = b.clone()  # the first Neumann term alone, reported as converged
+            else:
+                m = op.dense()
+                eye = torch.eye(m.shape[-1], dtype=m.dtype)
+                x = torch.linalg.solve(eye - m, b.unsqueeze(-1)).squeeze(-1)
+            monitor.check(x, torch.zeros_like(x))
+            return x
+
+    params, z0, c = _mlp_problem()
+    z = implicit.fixed_point(
+        lambda z: _one_layer(z, params), z0, batched=True, solver="fixed_point", adjoint=StopsShortOnce, tol=1e-12,
+        max_iter=500,
+    )
+    grads = torch.autograd.grad((z * c).sum(), params)
+    assert len(calls) == 2
+    for got, want in zip(grads, _dense_grads(_one_layer, params, c)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
