@@ -275,14 +275,6 @@ class Problem:
 
 
 @dataclass
-class Reference:
-    z_star: State  # float64
-    grads: list[torch.Tensor]  # float64, one per parameter
-    sample_norms: torch.Tensor  # ‖z*_b‖, (B,)
-    spectrum: Spectrum | None = None  # of ∂f/∂z at z*, sample 0
-
-
-@dataclass
 class Spectrum:
     """Where the eigenvalues of one sample's Jacobian ``∂f/∂z`` at ``z*`` lie.
 
@@ -328,6 +320,15 @@ class Spectrum:
             f"{self.chebyshev_rate:.2f} per iteration against Picard's {rho:.2f}"
         )
         return f"Eigenvalues of ∂f/∂z at z* (sample 0): spectral radius ρ = {rho:.2f}, {where}."
+
+
+@dataclass
+class Reference:
+    z_star: State  # float64
+    grads: list[torch.Tensor]  # float64, one per parameter
+    sample_norms: torch.Tensor  # ‖z*_b‖, (B,)
+    spectrum: Spectrum | None = None  # of ∂f/∂z at z*, sample 0
+
 
     def error(self, grads: list[torch.Tensor]) -> float:
         num = sum(float((g.detach().to(f64).cpu() - r).pow(2).sum()) for g, r in zip(grads, self.grads))

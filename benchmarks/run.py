@@ -483,6 +483,8 @@ def check_targets(results: list[ProblemResult], overhead: tuple[list[OverheadRow
             q = a.fwd.median / fp.fwd.median
             step = 1e3 * (a.fwd.median - fp.fwd.median * a.nfe / fp.nfe) / max(1.0, a.iterations)
             why = f"{a.iterations:.0f} vs {fp.iterations:.0f} iterations; the mixing step costs {step:.0f} µs"
+            if res.spectrum is not None and res.spectrum.complex_share > 0.5:
+                why += "; ∂f/∂z's eigenvalues fill a disc, where no acceleration beats Picard"
             lines.append(
                 f"| {res.spec.name} (fast): anderson time ≤ 1.1 × fixed_point's | {q:.2f} | {verdict(q <= 1.1, why)} |"
             )
