@@ -221,6 +221,8 @@ class Linearisation:
         ``G``); under ``torch.func``, where it cannot, it takes ``N``
         Jacobian-vector products instead.
         """
+        if self._jacobian is None and 0 in self.z_star.shape:  # an empty batch: nothing to differentiate
+            self._jacobian = plain(self.z_star.detach()).new_zeros(*self.z_star.shape, self.z_star.shape[1])
         if self._jacobian is None:
             if self.g is None and not _functorch.is_functorch_wrapped_tensor(self.z_star):
                 self.record_graph()

@@ -75,8 +75,8 @@ class Monitor:
         self._converged: torch.Tensor | None = None
         self._frozen = False  # whether any sample has converged (only then is freezing needed)
 
-    def _tensor(self, values: list[float] | list[bool]) -> torch.Tensor:
-        return torch.tensor(values, dtype=None if isinstance(values[0], bool) else self.structure.dtype)
+    def _tensor(self, values: list[float] | list[bool], mask: bool = False) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.bool if mask else self.structure.dtype)
 
     @property
     def residual(self) -> torch.Tensor | None:
@@ -101,7 +101,7 @@ class Monitor:
             return None
         if self._converged is None:
             m, atol = self._margin, self.atol
-            self._converged = m <= atol if isinstance(m, torch.Tensor) else self._tensor([v <= atol for v in m])
+            self._converged = m <= atol if isinstance(m, torch.Tensor) else self._tensor([v <= atol for v in m], mask=True)
         return self._converged
 
     @property
@@ -111,7 +111,7 @@ class Monitor:
             return None
         if self._active is None:
             m, atol = self._margin, self.atol
-            self._active = m > atol if isinstance(m, torch.Tensor) else self._tensor([v > atol for v in m])
+            self._active = m > atol if isinstance(m, torch.Tensor) else self._tensor([v > atol for v in m], mask=True)
         return self._active
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
@@ -130,6 +130,8 @@ class Monitor:
         self._margin = margin
         if margin.numel() == 1:
             worst = best = float(margin)
+        elif margin.numel() == 0:  # an empty batch has nothing to solve
+            worst = best = -math.inf
         else:
             lo, hi = torch.aminmax(margin)
             worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
@@ -168,8 +170,8 @@ class Monitor:
         self._history.append(rn)  # type: ignore[arg-type]
         self._margin = margin
         if all(map(math.isfinite, margin)):
-            self._frozen = min(margin) <= self.atol
-            return self._decide(max(margin))
+            self._frozen = min(margin, default=-math.inf) <= self.atol
+            return self._decide(max(margin, default=-math.inf))  # an empty batch has nothing to solve
         self._frozen = min((v for v in margin if v == v), default=math.inf) <= self.atol
         if not all(map(math.isfinite, rn + zn)):
             return self._stop_nonfinite(z, residual())

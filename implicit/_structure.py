@@ -8,6 +8,7 @@ returns against the structure it was given.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,7 @@ class Structure:
         else:
             self.batch = 1
         self.shapes = [_shape(t.shape) for t in tensors]
-        self.sizes = [t.numel() // self.batch if self.batch else 0 for t in tensors]
+        self.sizes = [math.prod(t.shape[1:]) if batched else t.numel() for t in tensors]  # per sample
         self.size = sum(self.sizes)
         # Flatten concatenates, and unflatten splits, rows of shape (B, n) when batched and
         # (n,) when not: a variable already of that shape needs no view either way.

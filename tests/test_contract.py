@@ -301,3 +301,22 @@ def test_forward_solver_as_adjoint_has_both_option_sets() -> None:
     assert issubclass(cls, implicit.AdjointSolver) and not cls.approximate
     inst = cls(tol=1e-9, damping=0.7, max_iter=50)
     assert re.search("damping", repr(inst))
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host check", "tensor check"])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_an_empty_batch_is_solved_at_once(solver: str, host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import implicit._monitor as monitor_module
+
+    if not host:
+        monkeypatch.setattr(monitor_module, "HOST_NUMEL", -1)
+    w = torch.tensor(0.5, dtype=f64, requires_grad=True)
+    z0 = {"a": torch.zeros(0, 3, dtype=f64), "b": torch.zeros(0, 2, 2, dtype=f64)}
+    problem = implicit.ImplicitProblem.fixed_point(lambda z: {"a": w * z["a"] + 1, "b": w * z["b"]}, batched=True)
+    for adjoint in ADJOINTS:
+        sol = implicit.solve(problem, z0, solver=solver, adjoint=adjoint, on_failure="raise")
+        assert sol.converged and sol.stats.iterations == 0
+        assert sol.stats.converged.shape == (0,) and sol.stats.history.shape == (1, 0)
+        assert sol.z["a"].shape == (0, 3) and sol.z["b"].shape == (0, 2, 2)
+        (grad,) = torch.autograd.grad(sol.z["a"].sum() + sol.z["b"].sum(), w)
+        assert grad.item() == 0.0
