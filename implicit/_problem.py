@@ -86,9 +86,22 @@ class System:
         self._what = "the map f" if problem.is_fixed_point else "the residual F"
 
     def call(self, z: torch.Tensor) -> torch.Tensor:
-        """The user's function at flat ``z``, flattened (``f`` or ``F``)."""
+        """The user's function at flat ``z``, flattened (``f`` or ``F``).
+
+        Raises:
+            ValueError: the function returned the wrong structure, or wrote
+                into its input (which is the solver's iterate: a map that
+                does ``z.mul_(0.5)`` would look converged at once).
+        """
         self.nfe += 1
-        return self.structure.flatten_output(self.problem.fn(self.structure.unflatten(z)), self._what)
+        version = z._version
+        out = self.problem.fn(self.structure.unflatten(z))
+        if z._version != version:
+            raise ValueError(
+                f"{self._what} modified its input in place ({self.structure.describe()}); the input is the "
+                "solver's current iterate, so return new tensors instead (z.mul(0.5) rather than z.mul_(0.5))"
+            )
+        return self.structure.flatten_output(out, self._what)
 
     def map(self, z: torch.Tensor) -> torch.Tensor:
         """The fixed-point map ``G(z)``."""

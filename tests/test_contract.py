@@ -219,6 +219,8 @@ BAD_CALLS = [
     ("negative tol", _ok, Z0, {"tol": -1.0}, ValueError, r"tol must be a non-negative number; got -1.0"),
     ("bad max_iter", _ok, Z0, {"max_iter": 2.5}, ValueError, r"max_iter must be a non-negative int; got 2.5"),
     ("bad solver type", _ok, Z0, {"solver": 3}, TypeError, r"solver must be a registered name"),
+    ("writes into its input", lambda z: z.mul_(0.5).add_(1.0), torch.zeros(3, dtype=f64), {}, ValueError,
+     r"the map f modified its input in place \(z: \(3,\)\); .*\(z.mul\(0.5\) rather than z.mul_\(0.5\)\)"),
 ]
 
 
@@ -229,7 +231,7 @@ def test_bad_input(fn, z0, kwargs, error, message) -> None:
     batched = kwargs.pop("batched", False)
     kwargs.setdefault("solver", "fixed_point")
     kwargs.setdefault("adjoint", "exact")
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message), torch.no_grad():  # no_grad: autograd itself refuses some of these
         implicit.solve(implicit.ImplicitProblem.fixed_point(fn, batched=batched), z0, **kwargs)
 
 
