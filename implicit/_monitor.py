@@ -76,7 +76,7 @@ class Monitor:
         self._frozen = False  # whether any sample has converged (only then is freezing needed)
 
     def _tensor(self, values: list[float] | list[bool], mask: bool = False) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.bool if mask else self.structure.dtype)
+        return torch.tensor(values, dtype=torch.bool if mask else self.structure.work_dtype)
 
     @property
     def residual(self) -> torch.Tensor | None:

@@ -80,7 +80,7 @@ class System:
         self.structure = structure
         self.batch = structure.batch
         self.size = structure.size
-        self.dtype = structure.dtype
+        self.dtype = structure.work_dtype  # of the flat state; the variables f sees keep structure.dtype
         self.device = structure.device
         self.nfe = 0
         self._what = "the map f" if problem.is_fixed_point else "the residual F"

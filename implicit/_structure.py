@@ -20,6 +20,7 @@ __all__ = ["Structure"]
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -70,6 +71,9 @@ class Structure:
         first = tensors[0]
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
+        # The dtype of the flat state the solvers see: a half-precision state is
+        # solved in float32 (see flatten), the dtype of its variables kept for f.
+        self.work_dtype: torch.dtype = torch.float32 if self.dtype in _HALF else self.dtype
         for name, t in zip(self.names, tensors):
             if t.dtype != self.dtype:
                 raise ValueError(
@@ -117,9 +121,16 @@ class Structure:
         return [state[k] for k in self.keys]
 
     def flatten(self, state: Any) -> torch.Tensor:
-        """``state`` as one ``(B, N)`` tensor (a view when there is one variable)."""
+        """``state`` as one ``(B, N)`` tensor of :attr:`work_dtype` (a view when there is one variable of it).
+
+        A ``float16`` or ``bfloat16`` state is flattened to ``float32``: the
+        solvers' own arithmetic (Anderson's normal equations, GMRES's
+        rotations, sums over many terms) needs more than half precision,
+        and their small dense factorisations exist for ``float32`` on every
+        device. :meth:`unflatten` turns the values back for ``f``.
+        """
         if self.kind == "tensor":
-            return state.reshape(self.batch, self.size)
+            return self._to_work(state.reshape(self.batch, self.size))
         return self._concatenate(self.variables(state))
 
     def flatten_output(self, out: Any, what: str) -> torch.Tensor:
@@ -159,26 +170,34 @@ class Structure:
             self.check(out, what)
             tensors = self.variables(out)
         if kind == "tensor":
-            return tensors[0].reshape(self.batch, self.size)
+            return self._to_work(tensors[0].reshape(self.batch, self.size))
         return self._concatenate(tensors)
+
+    def _to_work(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat if self.work_dtype == self.dtype else flat.to(self.work_dtype)
 
     def _concatenate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.batched:
             if not self._all_rows:
                 tensors = [t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)]
-            return torch.cat(tensors, dim=1)
-        if not self._all_rows:
-            tensors = [t if row else t.reshape(-1) for t, row in zip(tensors, self._is_row)]
-        return torch.cat(tensors).view(1, self.size)
+            flat = torch.cat(tensors, dim=1)
+        else:
+            if not self._all_rows:
+                tensors = [t if row else t.reshape(-1) for t, row in zip(tensors, self._is_row)]
+            flat = torch.cat(tensors).view(1, self.size)
+        return self._to_work(flat)
 
     def unflatten(self, flat: torch.Tensor) -> Any:
-        """The inverse of :meth:`flatten`; returns views of ``flat``."""
+        """The inverse of :meth:`flatten`; returns views of ``flat`` (copies in the variables' dtype if it differs)."""
         if self.kind == "tensor":
-            return flat.view(self.shapes[0])
+            out = flat.view(self.shapes[0])
+            return out if self.work_dtype == self.dtype else out.to(self.dtype)
         parts: Sequence[torch.Tensor]
         parts = flat.split_with_sizes(self.sizes, 1) if self.batched else flat.reshape(-1).split_with_sizes(self.sizes)
         if not self._all_rows:
             parts = [p if row else p.view(s) for p, s, row in zip(parts, self.shapes, self._is_row)]
+        if self.work_dtype != self.dtype:
+            parts = [p.to(self.dtype) for p in parts]
         if self.kind == "dict":
             return dict(zip(self.keys, parts))
         if self.kind == "tuple":
