@@ -294,7 +294,8 @@ class Linearisation:
                 max_iter=self.adjoint.max_iter,
                 reference=torch.linalg.vector_norm(b, dim=1),
             )
-            x = self.adjoint.solve(op, b, monitor)
+            with self.system.precision():
+                x = self.adjoint.solve(op, b, monitor)
         if monitor.converged is None:  # the adjoint never checked (a closed-form answer)
             monitor.check(x, torch.zeros_like(x))
         stats = monitor.stats(self.adjoint.name, op.nmv, self.system.problem.batched)

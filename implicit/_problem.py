@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,21 @@ import torch
 from ._structure import Structure
 
 __all__ = ["ImplicitProblem", "System"]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the caller's ``torch.autocast`` for ``device_type``, or ``None`` where it is off."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except TypeError:  # PyTorch < 2.4: one function per device type
+        if device_type == "cpu":
+            on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif device_type == "cuda":
+            on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if on else None
 
 
 class ImplicitProblem:
@@ -84,6 +100,21 @@ class System:
         self.device = structure.device
         self.nfe = 0
         self._what = "the map f" if problem.is_fixed_point else "the residual F"
+        # The caller's autocast, if any, when the problem was bound (at the start of a
+        # solve): the user's function runs under it wherever it is evaluated, and the
+        # solvers' own arithmetic never does (see precision()).
+        self.autocast = autocast_dtype(structure.device.type)
+
+    def precision(self) -> Any:
+        """A context for the solvers' own arithmetic: autocast off, where the caller had it on.
+
+        Under ``torch.autocast`` a solver's products (``bmm``, ``matmul``) would
+        run in half precision and turn the state's dtype on the way; the
+        user's function is still evaluated under the caller's autocast.
+        """
+        if self.autocast is None and autocast_dtype(self.device.type) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     def call(self, z: torch.Tensor) -> torch.Tensor:
         """The user's function at flat ``z``, flattened (``f`` or ``F``).
@@ -95,7 +126,13 @@ class System:
         """
         self.nfe += 1
         version = z._version
-        out = self.problem.fn(self.structure.unflatten(z))
+        if self.autocast is None:
+            out = self.problem.fn(self.structure.unflatten(z))
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                out = self.problem.fn(self.structure.unflatten(z))
+            # what autocast left in its lower precision returns to the state's dtype
+            out = self.structure.recast(out, self.autocast)
         if z._version != version:
             raise ValueError(
                 f"{self._what} modified its input in place ({self.structure.describe()}); the input is the "

@@ -107,7 +107,8 @@ def solve(
         if structure.kind == "tensor":  # a view of z0: never hand the caller's memory back
             start = start.clone()
         monitor = Monitor(structure, tol=float(tol), atol=float(atol), max_iter=max_iter)
-        z_flat = solver_obj.solve(system, start, monitor)
+        with system.precision():
+            z_flat = solver_obj.solve(system, start, monitor)
     if monitor.converged is None:
         raise RuntimeError(f"solver {solver_obj.name!r} returned without checking convergence")
     stats = monitor.stats(solver_obj.name, system.nfe, problem.batched)

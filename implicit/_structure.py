@@ -173,6 +173,28 @@ class Structure:
             return self._to_work(tensors[0].reshape(self.batch, self.size))
         return self._concatenate(tensors)
 
+    def recast(self, out: Any, dtype: torch.dtype) -> Any:
+        """``out`` with its variables of ``dtype`` (autocast's) turned into this structure's dtype.
+
+        Anything that does not fit the structure is returned as it is, for
+        :meth:`check` to name.
+        """
+        if self.dtype == dtype:
+            return out
+
+        def back(t: Any) -> Any:
+            return t.to(self.dtype) if isinstance(t, torch.Tensor) and t.dtype == dtype else t
+
+        if self.kind == "tensor":
+            return back(out)
+        if isinstance(out, Mapping):
+            return {k: back(v) for k, v in out.items()}
+        if isinstance(out, list):
+            return [back(t) for t in out]
+        if isinstance(out, tuple):
+            return tuple(back(t) for t in out)
+        return out
+
     def _to_work(self, flat: torch.Tensor) -> torch.Tensor:
         return flat if self.work_dtype == self.dtype else flat.to(self.work_dtype)
 

@@ -66,3 +66,41 @@ def test_a_half_precision_state_is_solved_and_differentiated(
             assert sol.stats.history.dtype == torch.float32  # the solver's arithmetic
             assert sol.converged and sol.adjoint_stats is not None
             assert abs(float(grad) - want) <= bound * abs(want), (adjoint, float(grad), want, bound)
+
+
+def _mlp(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 8, generator=g, dtype=f64)
+    w = 0.5 * w / torch.linalg.matrix_norm(w, 2)
+    return w, torch.randn(4, 8, generator=g, dtype=f64)
+
+
+def _mlp_map(w: torch.Tensor, x: torch.Tensor):
+    def f(z: torch.Tensor) -> torch.Tensor:
+        # the solver's iterate keeps the state's dtype, whatever autocast does inside f
+        assert z.dtype == w.dtype
+        return torch.tanh(torch.nn.functional.linear(z, w) + x)  # bfloat16 under autocast
+
+    return f
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_float32_state_under_autocast(solver: str) -> None:
+    """The map runs under the caller's autocast (its output in bfloat16), the solvers' arithmetic does not."""
+    w64, x64 = _mlp()
+    ref = implicit.fixed_point(_mlp_map(w64.requires_grad_(), x64), torch.zeros(4, 8, dtype=f64), batched=True,
+                               solver="fixed_point", adjoint="exact", tol=1e-13, max_iter=500)
+    (want,) = torch.autograd.grad(ref.sum(), w64)
+    kappa = 1.0 / (1.0 - 0.5)  # ‖J‖ ≤ ‖w‖ = 0.5, so ‖(I - J)⁻¹‖ ≤ 2
+    tol, unit = 1e-2, torch.finfo(torch.bfloat16).eps / 2
+    w, x = w64.detach().float().requires_grad_(), x64.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # SciPy's array-API probe of torch
+        for adjoint in [a for a in ADJOINTS if a != "jfb"]:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sol = implicit.solve(implicit.ImplicitProblem.fixed_point(_mlp_map(w, x), batched=True),
+                                     torch.zeros(4, 8), solver=solver, adjoint=adjoint, tol=tol, on_failure="raise")
+                (grad,) = torch.autograd.grad(sol.z.sum(), w)  # the adjoint solve under autocast too
+            assert sol.z.dtype == grad.dtype == torch.float32 and sol.stats.history.dtype == torch.float32
+            err = float((grad.double() - want).norm() / want.norm())
+            assert err <= 4.0 * kappa * (tol + unit), (adjoint, err)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._problem import autocast_dtype
 from .._structure import Structure
 
 __all__ = ["jacobian_regularization", "spectral_radius"]
@@ -32,7 +33,11 @@ def _linearise(f: Callable[[Any], Any], z: Any, batched: bool) -> tuple[Structur
     structure = Structure(z, batched)
     z_flat = structure.flatten(z).detach().requires_grad_()
     with torch.enable_grad():
-        g = structure.flatten_output(f(structure.unflatten(z_flat)), "the map f")
+        out = f(structure.unflatten(z_flat))
+        autocast = autocast_dtype(structure.device.type)
+        if autocast is not None:  # what autocast left in its lower precision, back in the state's dtype
+            out = structure.recast(out, autocast)
+        g = structure.flatten_output(out, "the map f")
     return structure, z_flat, g
 
 
