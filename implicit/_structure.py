@@ -121,7 +121,7 @@ class Structure:
         return [state[k] for k in self.keys]
 
     def flatten(self, state: Any) -> torch.Tensor:
-        """``state`` as one ``(B, N)`` tensor of :attr:`work_dtype` (a view when there is one variable of it).
+        """``state`` as one ``(B, N)`` tensor of :attr:`work_dtype` (a view of a single variable already in it).
 
         A ``float16`` or ``bfloat16`` state is flattened to ``float32``: the
         solvers' own arithmetic (Anderson's normal equations, GMRES's
