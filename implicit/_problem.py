@@ -18,7 +18,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     try:
         on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type)
-    except TypeError:  # PyTorch < 2.4: one function per device type
+    except (TypeError, AttributeError):  # PyTorch < 2.4: one function per device type
         if device_type == "cpu":
             on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
         elif device_type == "cuda":
