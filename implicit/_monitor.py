@@ -97,22 +97,25 @@ class Monitor:
     @property
     def converged(self) -> torch.Tensor | None:
         """Per-sample convergence ``(B,)`` at the last check (``None`` before)."""
-        if self._margin is None:
-            return None
         if self._converged is None:
-            m, atol = self._margin, self.atol
-            self._converged = m <= atol if isinstance(m, torch.Tensor) else self._tensor([v <= atol for v in m], mask=True)
+            self._converged = self._mask(converged=True)
         return self._converged
 
     @property
     def active(self) -> torch.Tensor | None:
         """Per-sample mask ``(B,)`` of the samples still iterating (``None`` before)."""
-        if self._margin is None:
-            return None
         if self._active is None:
-            m, atol = self._margin, self.atol
-            self._active = m > atol if isinstance(m, torch.Tensor) else self._tensor([v > atol for v in m], mask=True)
+            self._active = self._mask(converged=False)
         return self._active
+
+    def _mask(self, converged: bool) -> torch.Tensor | None:
+        """Where the last margins are within ``atol`` (or, not ``converged``, beyond it; NaN in neither)."""
+        m, atol = self._margin, self.atol
+        if m is None:
+            return None
+        if isinstance(m, torch.Tensor):
+            return m <= atol if converged else m > atol
+        return self._tensor([v <= atol if converged else v > atol for v in m], mask=True)
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         """Record the residual of iterate ``z`` and say whether to stop."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .._problem import autocast_dtype
+from .._problem import ImplicitProblem
 from .._structure import Structure
 
 __all__ = ["jacobian_regularization", "spectral_radius"]
@@ -29,16 +29,16 @@ _PROBES = ("rademacher", "gaussian")
 
 
 def _linearise(f: Callable[[Any], Any], z: Any, batched: bool) -> tuple[Structure, torch.Tensor, torch.Tensor]:
-    """``(structure, z_flat, f(z)_flat)`` with ``z_flat`` a fresh leaf requiring grad."""
-    structure = Structure(z, batched)
-    z_flat = structure.flatten(z).detach().requires_grad_()
+    """``(structure, z_flat, f(z)_flat)`` with ``z_flat`` a fresh leaf requiring grad.
+
+    ``f`` is evaluated as a solve evaluates it (:meth:`System.call`: validated,
+    under the caller's autocast with its output back in the state's dtype).
+    """
+    system = ImplicitProblem.fixed_point(f, batched=batched).bind(z)
+    z_flat = system.structure.flatten(z).detach().requires_grad_()
     with torch.enable_grad():
-        out = f(structure.unflatten(z_flat))
-        autocast = autocast_dtype(structure.device.type)
-        if autocast is not None:  # what autocast left in its lower precision, back in the state's dtype
-            out = structure.recast(out, autocast)
-        g = structure.flatten_output(out, "the map f")
-    return structure, z_flat, g
+        g = system.call(z_flat)
+    return system.structure, z_flat, g
 
 
 def _vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor, create_graph: bool) -> torch.Tensor:

@@ -139,9 +139,9 @@ class NewtonKrylov(Solver):
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         z = z0
-        product: _JacobianProduct | None = _JacobianProduct(system, z)
-        assert product is not None
-        f = product.value
+        first = _JacobianProduct(system, z)
+        product: _JacobianProduct | None = first
+        f = first.value
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
         fn_prev: torch.Tensor | None = None
