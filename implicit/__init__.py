@@ -4,6 +4,7 @@ implicit function theorem."""
 
 from . import adjoints, nn, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
+from ._check import CheckReport, Finding, check
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._problem import ImplicitProblem
 from ._registry import (
@@ -22,8 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdjointSolver",
+    "CheckReport",
     "ConvergenceError",
     "ConvergenceWarning",
+    "Finding",
     "ImplicitProblem",
     "IterativeSolver",
     "LinearOperator",
@@ -33,6 +36,7 @@ __all__ = [
     "SolverStats",
     "available_adjoints",
     "available_solvers",
+    "check",
     "fixed_point",
     "get_adjoint",
     "get_solver",
