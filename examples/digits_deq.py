@@ -19,8 +19,9 @@ short.
 Data: ``sklearn.datasets.load_digits`` (1797 images, shipped with
 scikit-learn, no download), split 75/25 once and for all (stratified,
 ``random_state=0``; ``--seed`` only changes the initialisation and batches).
-Each epoch prints the test accuracy and the mean forward and backward
-(adjoint) iterations per training batch, and a PNG plot of both per epoch is
+Each epoch prints the test accuracy, the mean forward and backward
+(adjoint) iterations per training batch and the layer's counters (solves
+that ended unconverged, worst residuals), and a PNG plot of both per epoch is
 written to ``--plot``.
 
 Solvers: ``anderson`` forward and ``gmres`` adjoint when they are
@@ -169,6 +170,10 @@ def plot(history: list[dict[str, float]], path: str) -> None:
     plt.close(fig)
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=16)
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(x_tr))
         fwd, bwd, conv, hits = [], [], [], 0
+        model.deq.reset_counters()
+        unconverged = "0/0"  # forward/adjoint solves that ended unconverged this epoch
         bar = tqdm(range(batches), desc=f"epoch {epoch}/{epochs}", leave=False)
         for b in bar:
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
@@ -239,7 +246,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             fwd.append(stats.iterations)
             bwd.append(adj.iterations)
             conv.append(float(stats.converged.float().mean()))
-            bar.set_postfix(loss=f"{loss.item():.3f}", fwd=stats.iterations, bwd=adj.iterations)
+            if b % 10 == 0 or b == batches - 1:  # the counters are read (one synchronisation) now and then
+                counts = model.deq.counters
+                unconverged = f"{counts['forward_unconverged']}/{counts['adjoint_unconverged']}"
+            bar.set_postfix(loss=f"{loss.item():.3f}", fwd=stats.iterations, bwd=adj.iterations, unconv=unconverged)
+        counts = model.deq.counters  # this epoch's training solves (before the evaluation below)
         acc = accuracy(model, x_te, y_te)
         row = {
             "epoch": epoch,
@@ -254,7 +265,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(
             f"epoch {epoch:2d}  train (running) {100 * row['train_acc']:5.2f}%  test accuracy {100 * acc:5.2f}%  "
             f"mean iterations forward {row['fwd']:4.1f} backward {row['bwd']:4.1f}  "
-            f"converged {100 * row['converged']:5.1f}%  ({row['time']:.0f} s)",
+            f"converged {100 * row['converged']:5.1f}%  unconverged solves forward "
+            f"{counts['forward_unconverged']}/{counts['forward_solves']} adjoint "
+            f"{counts['adjoint_unconverged']}/{counts['adjoint_solves']}, worst residuals "
+            f"{_sci(counts['worst_forward_residual'])} / {_sci(counts['worst_adjoint_residual'])}  "
+            f"({row['time']:.0f} s)",
             flush=True,
         )
     plot(history, args.plot)

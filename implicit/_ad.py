@@ -298,7 +298,7 @@ class Linearisation:
                 x = self.adjoint.solve(op, b, monitor)
         if monitor.converged is None:  # the adjoint never checked (a closed-form answer)
             monitor.check(x, torch.zeros_like(x))
-        stats = monitor.stats(self.adjoint.name, op.nmv, self.system.problem.batched)
+        stats = monitor.stats(self.adjoint.name, op.nmv, self.system.problem.batched, self.adjoint.approximate)
         if transpose:
             assert monitor.reference is not None
             bn, un = monitor.reference, torch.linalg.vector_norm(x, dim=1)

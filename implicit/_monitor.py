@@ -66,7 +66,9 @@ class Monitor:
         # (B,) tensors, or lists of floats on the host path.
         self._history: list[torch.Tensor] | list[list[float]] = []
         self.nonfinite: list[str] = []
+        self.nonfinite_input = False  # the non-finite value came with the right-hand side (see blame_input)
         self.message = ""
+        self.reason = ""  # "converged", "max_iter", "nonfinite", or "" (a solver's own stop)
         self._host = structure.device.type == "cpu" and structure.batch * structure.size <= HOST_NUMEL
         self._reference = None if reference is None or not self._host else reference.tolist()
         self._margin: torch.Tensor | list[float] | None = None
@@ -85,6 +87,11 @@ class Monitor:
             last = self._history[-1]
             self._residual = last if isinstance(last, torch.Tensor) else self._tensor(last)
         return self._residual
+
+    @property
+    def final_residual(self) -> torch.Tensor | None:
+        """Per-sample residual norms ``(B,)`` of the iterate the solve returns (``None`` before a check)."""
+        return self.residual
 
     @property
     def history(self) -> torch.Tensor:
@@ -187,15 +194,24 @@ class Monitor:
         bad = bad or ["(unknown)"]
         self.nonfinite = bad
         self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
+        self.reason = "nonfinite"
         return True
+
+    def blame_input(self, names: list[str], source: str) -> None:
+        """Record that the non-finite value stopping the solve came with its right-hand side ``source``."""
+        self.nonfinite = names or self.nonfinite
+        self.nonfinite_input = True
+        self.message = f"non-finite value in {', '.join(self.nonfinite)} of {source}, before any iteration"
 
     def _decide(self, worst: float) -> bool:
         """Stop when every sample has converged (``worst`` margin within ``atol``) or at ``max_iter``."""
         if worst <= self.atol:
             self.message = f"converged in {self.iterations} iterations"
+            self.reason = "converged"
             return True
         if self.iterations >= self.max_iter:
             self.message = f"reached max_iter={self.max_iter} before meeting tol={self.tol:g}"
+            self.reason = "max_iter"
             return True
         self.iterations += 1
         return False
@@ -206,12 +222,23 @@ class Monitor:
             return z_new
         return torch.where(self.active[:, None], z_new, z)  # type: ignore[index]
 
-    def stats(self, solver: str, nfe: int, batched: bool) -> SolverStats:
-        """The :class:`SolverStats` of the solve so far."""
+    def stats(self, solver: str, nfe: int, batched: bool, approximate: bool = False) -> SolverStats:
+        """The :class:`SolverStats` of the solve so far.
+
+        For an ``approximate`` adjoint (which solves no equation) the
+        residual is NaN, not measured, and no sample counts as converged.
+        """
         converged = self.converged
         assert self._history and converged is not None, "check() was never called"
         history = self.history
-        residual = self._residual if self._residual is not None else history[-1]
+        residual = self.final_residual
+        assert residual is not None
+        message = self.message
+        if approximate:
+            residual = torch.full_like(residual, math.nan)
+            history = torch.full_like(history, math.nan)
+            converged = torch.zeros_like(converged)
+            message = "approximate: the adjoint equation is not solved, so no residual is measured"
         if not batched:
             residual, converged, history = residual[0], converged[0], history[:, 0]
         return SolverStats(
@@ -221,5 +248,6 @@ class Monitor:
             residual=residual,
             converged=converged,
             history=history,
-            message=self.message,
+            message=message,
+            approximate=approximate,
         )

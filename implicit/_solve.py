@@ -116,8 +116,11 @@ def solve(
 
     solution = Solution(z=None, stats=stats)
     ref = weakref.ref(solution)
+    listeners = solution._adjoint_listeners
 
     def record(adjoint_stats: SolverStats) -> None:
+        for listener in listeners:
+            listener(adjoint_stats)
         sol = ref()
         if sol is not None:
             sol.adjoint_stats = adjoint_stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,11 @@ class SolverStats:
             iterate (fewer for ``scipy``, checked at its ends only); shape
             ``(checks, B)`` when batched and ``(checks,)`` otherwise.
         message: A short human-readable account of how the solve ended.
+        approximate: ``True`` for the stats of an approximate adjoint
+            (``jfb``), which solves no equation: its gradient is not the
+            implicit gradient to any tolerance, so ``converged`` is ``False``
+            and ``residual`` is NaN (not measured); no warning is issued,
+            since the approximation was asked for.
 
     Examples:
         Picard iteration on ``z = z/2 + 3/2`` halves the error at each step:
@@ -48,6 +54,7 @@ class SolverStats:
     converged: torch.Tensor
     history: torch.Tensor
     message: str = ""
+    approximate: bool = False
 
     @property
     def all_converged(self) -> bool:
@@ -58,7 +65,9 @@ class SolverStats:
         res = self.residual.max().item() if self.residual.numel() else float("nan")
         return (
             f"SolverStats(solver={self.solver!r}, iterations={self.iterations}, nfe={self.nfe}, "
-            f"max_residual={res:.3e}, converged={self.all_converged}, message={self.message!r})"
+            f"max_residual={res:.3e}, converged={self.all_converged}, "
+            + ("approximate=True, " if self.approximate else "")
+            + f"message={self.message!r})"
         )
 
 
@@ -90,6 +99,12 @@ class Solution:
     z: Any
     stats: SolverStats
     adjoint_stats: SolverStats | None = field(default=None)
+    # Called with the stats of every adjoint solve, held by the backward
+    # itself, so that they are called even after the Solution is gone (a
+    # layer's counters, say).
+    _adjoint_listeners: list[Callable[[SolverStats], None]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     @property
     def converged(self) -> bool:

@@ -181,8 +181,9 @@ def test_eval_max_iter_is_honoured_and_failure_reported() -> None:
     layer(x)
     assert layer.last_stats.all_converged and layer.last_stats.iterations > 3
     layer.eval()
-    with pytest.warns(implicit.ConvergenceWarning, match="max_iter=3"):
+    with pytest.warns(implicit.ConvergenceWarning, match="within max_iter") as caught:
         layer(x)
+    assert caught[0].message.max_iter == 3 and "max_iter=3" in caught[0].message.reason
     assert layer.last_stats.iterations == 3
     assert not layer.last_stats.all_converged
 

@@ -36,6 +36,71 @@ class CellMap:
         return self.cell(z, self.x)
 
 
+class SolveCounters:
+    """Running counts of a layer's solves since the last reset, kept without host synchronisation.
+
+    The counts that depend on values (unconverged solves, worst residuals)
+    are accumulated as tensors on the state's device, so that counting adds
+    no host synchronisation to a training step; :meth:`as_dict` reads them
+    (one synchronisation), e.g. once per progress-bar update or epoch.
+    Adjoint solves of an approximate adjoint (``jfb``) are counted in
+    ``adjoint_solves`` only: they have no residual.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Set every count back to zero."""
+        self.forward_solves = 0
+        self.adjoint_solves = 0
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        old = self._tensors.get(key)
+        self._tensors[key] = value if old is None else old + value.to(old.device)
+
+    def _max(self, key: str, stats: SolverStats) -> None:
+        if stats.residual.numel() == 0:
+            return
+        value = stats.residual.detach().max()
+        old = self._tensors.get(key)
+        self._tensors[key] = value if old is None else torch.maximum(old, value.to(old.device, old.dtype))
+
+    def forward(self, stats: SolverStats) -> None:
+        """Count a forward solve."""
+        self.forward_solves += 1
+        self._add("forward_unconverged", (~stats.converged).any().long())
+        self._max("worst_forward_residual", stats)
+
+    def adjoint(self, stats: SolverStats) -> None:
+        """Count an adjoint solve."""
+        self.adjoint_solves += 1
+        if stats.approximate:
+            return
+        self._add("adjoint_unconverged", (~stats.converged).any().long())
+        self._max("worst_adjoint_residual", stats)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as Python numbers (the worst residuals ``None`` before any solve)."""
+        t = self._tensors
+
+        def count(key: str) -> int:
+            return int(t[key]) if key in t else 0
+
+        def worst(key: str) -> float | None:
+            return float(t[key]) if key in t else None
+
+        return {
+            "forward_solves": self.forward_solves,
+            "forward_unconverged": count("forward_unconverged"),
+            "adjoint_solves": self.adjoint_solves,
+            "adjoint_unconverged": count("adjoint_unconverged"),
+            "worst_forward_residual": worst("worst_forward_residual"),
+            "worst_adjoint_residual": worst("worst_adjoint_residual"),
+        }
+
+
 class DEQ(nn.Module):
     """A deep equilibrium layer: returns the state ``z*`` with ``z* = cell(z*, x)``.
 
@@ -158,6 +223,26 @@ class DEQ(nn.Module):
         self.eval_max_iter = eval_max_iter
         self.last_stats: SolverStats | None = None
         self._last_solution: Solution | None = None
+        self._counters = SolveCounters()
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """Running counts of this layer's solves since it was built or :meth:`reset_counters` ran.
+
+        ``forward_solves`` and ``adjoint_solves`` (calls and backward passes),
+        ``forward_unconverged`` and ``adjoint_unconverged`` (solves that ended
+        with some sample unconverged or non-finite), ``worst_forward_residual``
+        and ``worst_adjoint_residual`` (the largest final residual norm of any
+        sample, ``None`` before any solve). The counts are kept on the
+        state's device without host synchronisation; reading this property
+        synchronises once. An approximate adjoint (``jfb``) is counted in
+        ``adjoint_solves`` only.
+        """
+        return self._counters.as_dict()
+
+    def reset_counters(self) -> None:
+        """Set :attr:`counters` back to zero (at the start of an epoch, say)."""
+        self._counters.reset()
 
     @property
     def last_adjoint_stats(self) -> SolverStats | None:
@@ -241,6 +326,8 @@ class DEQ(nn.Module):
         sol.z = None
         self._last_solution = sol
         self.last_stats = sol.stats
+        self._counters.forward(sol.stats)
+        sol._adjoint_listeners.append(self._counters.adjoint)
         return z
 
     def jacobian_regularization(self, x: Any, z: Any, **kwargs: Any) -> torch.Tensor:
