@@ -440,6 +440,7 @@ def test_digits_example_quick(tmp_path: os.PathLike[str]) -> None:
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "digits_deq.py"), "--quick", "--plot", plot],
         cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
         capture_output=True,
         text=True,
         timeout=60,
