@@ -307,7 +307,11 @@ class Linearisation:
             if self.record is not None:
                 self.record(stats)
         what = "adjoint solve" if transpose else "tangent solve"
-        handle_failure(monitor, self.on_failure, f"{what} ({self.adjoint.name})")
+        if monitor.nonfinite and not bool(torch.isfinite(b).all()):
+            # Not the adjoint's failure: the right-hand side arrived non-finite.
+            source = "the incoming gradient" if transpose else "the incoming tangent"
+            monitor.blame_input(self.system.structure.nonfinite(b), source)
+        handle_failure(monitor, self.on_failure, what, self.adjoint.name)
         return x
 
 

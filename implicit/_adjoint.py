@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._monitor import Monitor
+from ._settings import integer, non_negative, set_options
 
 __all__ = ["AdjointSolver", "LinearOperator"]
 
@@ -85,8 +86,8 @@ class AdjointSolver:
         max_iter: The most iterations.
 
     Raises:
-        ValueError: (from the constructor) ``tol`` not positive, ``atol``
-            negative or ``max_iter`` not a non-negative int.
+        ValueError: (from the constructor) ``tol`` or ``atol`` not a finite
+            non-negative number, or ``max_iter`` not a non-negative int.
 
     Examples:
         Richardson iteration ``x ← x + ω (M x + b - x)``, passed as a class
@@ -135,12 +136,12 @@ class AdjointSolver:
                 delattr(cls, attr)
 
     def __post_init__(self) -> None:
-        if self.tol is not None and not self.tol > 0:
-            raise ValueError(f"tol must be positive; got {self.tol}")
-        if self.atol is not None and not self.atol >= 0:
-            raise ValueError(f"atol must be non-negative; got {self.atol}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 0):
-            raise ValueError(f"max_iter must be a non-negative int; got {self.max_iter!r}")
+        set_options(
+            self,
+            tol=None if self.tol is None else non_negative("tol", self.tol),
+            atol=None if self.atol is None else non_negative("atol", self.atol),
+            max_iter=integer("max_iter", self.max_iter, minimum=0),
+        )
 
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         """Solve ``x = op(x) + b`` for ``(B, N)`` tensors.

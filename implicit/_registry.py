@@ -294,7 +294,10 @@ def _instantiate(cls: type, options: Mapping[str, Any], kind: str) -> Any:
                     f"unknown option {key!r} for {kind} {getattr(cls, 'name', cls.__name__)!r}{_suggest(key, known)} "
                     f"Options: {', '.join(known) if known else '(none)'}"
                 )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as exc:  # an invalid value: say whose option it is
+        raise ValueError(f"{kind} {getattr(cls, 'name', '') or cls.__name__!r}: {exc}") from exc
 
 
 def _make(spec: Any, options: Mapping[str, Any] | None, kind: str, base: type, get: Callable[[str], type]) -> Any:

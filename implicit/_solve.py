@@ -12,10 +12,12 @@ from ._ad import Linearisation, attach
 from ._adjoint import AdjointSolver
 from ._failure import check_on_failure, handle_failure
 from ._monitor import Monitor
-from ._problem import ImplicitProblem
+from ._problem import ImplicitProblem, System
 from ._registry import make_adjoint, make_solver
+from ._settings import integer, non_negative
 from ._solver import Solver
 from ._stats import Solution, SolverStats
+from ._structure import Structure
 from ._transforms import no_tangents
 
 __all__ = ["fixed_point", "root", "solve"]
@@ -23,13 +25,9 @@ __all__ = ["fixed_point", "root", "solve"]
 DEFAULT_ATOL = 1e-12
 
 
-def _check_settings(tol: float, atol: float, max_iter: int) -> None:
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a non-negative number; got {tol!r}")
-    if not (isinstance(atol, (int, float)) and atol >= 0):
-        raise ValueError(f"atol must be a non-negative number; got {atol!r}")
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 0):
-        raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
+def _check_settings(tol: float, atol: float, max_iter: int) -> tuple[float, float, int]:
+    """``(tol, atol, max_iter)`` validated, as ``float``, ``float``, ``int``."""
+    return non_negative("tol", tol), non_negative("atol", atol), integer("max_iter", max_iter, minimum=0)
 
 
 def solve(
@@ -93,13 +91,18 @@ def solve(
     """
     if not isinstance(problem, ImplicitProblem):
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
-    _check_settings(tol, atol, max_iter)
+    tol, atol, max_iter = _check_settings(tol, atol, max_iter)
     check_on_failure(on_failure)
     solver_obj = make_solver(solver, solver_options)
     adjoint_obj = make_adjoint(adjoint, adjoint_options)
 
-    system = problem.bind(z0)
-    structure = system.structure
+    structure = Structure(z0, problem.batched)
+    if structure.device.type == "meta":
+        raise ValueError(
+            f"z0 is on the meta device ({structure.describe()}): meta tensors have shapes but no values, "
+            "and a solve needs values; create z0 (and what the map reads) on a real device"
+        )
+    system = System(problem, structure)
     # Forward-mode tangents are off too: they would differentiate the unrolled
     # iterations, which attach() discards.
     with torch.no_grad(), no_tangents():

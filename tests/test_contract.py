@@ -216,7 +216,7 @@ BAD_CALLS = [
     ("bad option value", _ok, Z0, {"solver": "fixed_point", "solver_options": {"damping": 2.0}}, ValueError,
      r"damping must lie in \(0, 1\]; got 2.0"),
     ("bad on_failure", _ok, Z0, {"on_failure": "loud"}, ValueError, r"on_failure must be one of"),
-    ("negative tol", _ok, Z0, {"tol": -1.0}, ValueError, r"tol must be a non-negative number; got -1.0"),
+    ("negative tol", _ok, Z0, {"tol": -1.0}, ValueError, r"tol must be a finite non-negative number; got -1.0"),
     ("bad max_iter", _ok, Z0, {"max_iter": 2.5}, ValueError, r"max_iter must be a non-negative int; got 2.5"),
     ("bad solver type", _ok, Z0, {"solver": 3}, TypeError, r"solver must be a registered name"),
     ("writes into its input", lambda z: z.mul_(0.5).add_(1.0), torch.zeros(3, dtype=f64), {}, ValueError,

@@ -25,6 +25,10 @@ class ExactAdjoint(AdjointSolver):
     block at once. Cost ``O(B·N²)`` memory and ``O(B·N³)`` time: for large
     states use ``gmres`` or ``neumann``.
 
+    A sample whose block ``I - M`` is singular (to the factorisation) has
+    no adjoint solution: its result is NaN and it is reported non-finite
+    (and unconverged), while the other samples keep their exact solutions.
+
     Args:
         max_size: The largest ``B·N²`` (entries of the Jacobian) allowed.
     """
@@ -42,8 +46,16 @@ class ExactAdjoint(AdjointSolver):
         m = op.dense()
         eye = torch.eye(op.size, dtype=b.dtype, device=b.device)
         x, info = torch.linalg.solve_ex(eye - m, b.unsqueeze(-1))
-        x = x.squeeze(-1)
-        if bool((info != 0).any()):  # singular: leave a non-finite iterate for the monitor to report
-            x = torch.full_like(x, float("nan"))
+        # Per sample: a singular block leaves its own sample non-finite for the
+        # monitor to report (unconverged), and the other samples exact.
+        singular = info != 0
+        x = torch.where(singular[:, None], torch.full_like(x.squeeze(-1), float("nan")), x.squeeze(-1))
         monitor.check(x, x - (m @ x.unsqueeze(-1)).squeeze(-1) - b)
+        if monitor.nonfinite and bool(singular.any()):
+            samples = singular.nonzero().flatten().tolist()
+            monitor.message = (
+                f"I - ∂G/∂z is singular for sample{'s' if len(samples) > 1 else ''} {samples[:8]}"
+                f"{'...' if len(samples) > 8 else ''} (no solution of the adjoint equation there); "
+                "the other samples are exact"
+            )
         return x

@@ -10,6 +10,7 @@ from .._adjoint import AdjointSolver, LinearOperator
 from .._krylov import gmres
 from .._monitor import Monitor
 from .._registry import register_adjoint
+from .._settings import integer, set_options
 
 __all__ = ["GMRESAdjoint"]
 
@@ -49,8 +50,7 @@ class GMRESAdjoint(AdjointSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.restart, bool) or not (isinstance(self.restart, int) and self.restart >= 1):
-            raise ValueError(f"restart must be a positive int; got {self.restart!r}")
+        set_options(self, restart=integer("restart", self.restart))
 
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         # The monitor's tolerance is relative to ‖b‖ and b - (I - M) x = -(x - M x - b),

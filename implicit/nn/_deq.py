@@ -12,6 +12,7 @@ from .._adjoint import AdjointSolver
 from .._failure import check_on_failure
 from .._problem import ImplicitProblem
 from .._registry import make_adjoint, make_solver
+from .._settings import integer, non_negative
 from .._solve import DEFAULT_ATOL, _check_settings, solve
 from .._solver import Solver
 from .._stats import Solution, SolverStats
@@ -195,13 +196,11 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"the cell must be a torch.nn.Module with forward(z, x) and init_state(x); got {type(cell).__name__}"
             )
-        _check_settings(tol, atol, max_iter)
-        if eval_tol is not None and not (isinstance(eval_tol, (int, float)) and eval_tol >= 0):
-            raise ValueError(f"eval_tol must be a non-negative number or None; got {eval_tol!r}")
-        if eval_max_iter is not None and (
-            isinstance(eval_max_iter, bool) or not isinstance(eval_max_iter, int) or eval_max_iter < 0
-        ):
-            raise ValueError(f"eval_max_iter must be a non-negative int or None; got {eval_max_iter!r}")
+        tol, atol, max_iter = _check_settings(tol, atol, max_iter)
+        if eval_tol is not None:
+            eval_tol = non_negative("eval_tol", eval_tol)
+        if eval_max_iter is not None:
+            eval_max_iter = integer("eval_max_iter", eval_max_iter, minimum=0)
         check_on_failure(on_failure)
         # Built once here only to reject unknown names and options when the
         # layer is made rather than at its first call; the specs themselves

@@ -11,6 +11,7 @@ import torch
 from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
+from .._settings import integer, interval, non_negative, set_options
 from .._solver import IterativeSolver
 from ._views import Views
 
@@ -162,12 +163,12 @@ class Anderson(IterativeSolver):
     lam: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"m must be a positive int; got {self.m!r}")
-        if not (isinstance(self.beta, (int, float)) and 0.0 < self.beta <= 1.0):
-            raise ValueError(f"beta must lie in (0, 1]; got {self.beta!r}")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0.0):
-            raise ValueError(f"lam must be a finite non-negative number; got {self.lam!r}")
+        set_options(
+            self,
+            m=integer("m", self.m),
+            beta=interval("beta", self.beta, 0.0, 1.0),
+            lam=non_negative("lam", self.lam),
+        )
 
     def init(self, system: System, z0: torch.Tensor) -> _AndersonState:
         # m differences of Walker & Ni's form span m + 1 iterates

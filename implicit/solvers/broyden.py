@@ -10,6 +10,7 @@ import torch
 from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
+from .._settings import integer, set_options
 from .._solver import IterativeSolver
 from ._views import Views
 
@@ -112,8 +113,7 @@ class Broyden(IterativeSolver):
     memory: int = 20
 
     def __post_init__(self) -> None:
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"memory must be a positive int; got {self.memory!r}")
+        set_options(self, memory=integer("memory", self.memory))
 
     def init(self, system: System, z0: torch.Tensor) -> _BroydenState:
         return _BroydenState(z0, self.memory)

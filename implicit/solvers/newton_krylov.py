@@ -12,6 +12,7 @@ from .._monitor import Monitor
 from .._problem import System
 from .._products import JacobianFromGraph, private_saved_tensors
 from .._registry import register_solver
+from .._settings import boolean, integer, interval, one_of, set_options
 from .._solver import Solver
 
 __all__ = ["NewtonKrylov"]
@@ -59,11 +60,6 @@ class _JacobianProduct:
         # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
         # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
         return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 @register_solver("newton_krylov")
@@ -127,15 +123,15 @@ class NewtonKrylov(Solver):
     max_backtracks: int = 10
 
     def __post_init__(self) -> None:
-        _positive_int("restart", self.restart)
-        _positive_int("max_inner", self.max_inner)
-        _positive_int("max_backtracks", self.max_backtracks, minimum=0)
-        if isinstance(self.eta_max, bool) or not (isinstance(self.eta_max, (int, float)) and 0 < self.eta_max < 1):
-            raise ValueError(f"eta_max must lie in (0, 1); got {self.eta_max!r}")
-        if self.forcing not in _FORCING:
-            raise ValueError(f"forcing must be one of {', '.join(map(repr, _FORCING))}; got {self.forcing!r}")
-        if not isinstance(self.line_search, bool):
-            raise ValueError(f"line_search must be a bool; got {self.line_search!r}")
+        set_options(
+            self,
+            restart=integer("restart", self.restart),
+            max_inner=integer("max_inner", self.max_inner),
+            max_backtracks=integer("max_backtracks", self.max_backtracks, minimum=0),
+            eta_max=interval("eta_max", self.eta_max, 0.0, 1.0, high_open=True),
+            forcing=one_of("forcing", self.forcing, _FORCING),
+            line_search=boolean("line_search", self.line_search),
+        )
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         z = z0
@@ -209,6 +205,9 @@ class NewtonKrylov(Solver):
                 f_try = system.residual(z_try)
             fn_try = torch.linalg.vector_norm(f_try, dim=1)
             accept = (fn_try <= (1 - self.armijo * lam) * fn) & ~decided
+            # A non-finite trial ends the search and is taken, for the monitor to name the
+            # variable at its next check, as every solver reports the first one it meets.
+            accept = accept | (~torch.isfinite(fn_try) & ~decided)
             if trial == self.max_backtracks:
                 # Out of halvings: keep the shortest step if it lowers ‖F‖ at all (NaN does not).
                 accept = accept | ((fn_try < fn) & ~decided)

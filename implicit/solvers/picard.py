@@ -10,6 +10,7 @@ import torch
 from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
+from .._settings import interval, set_options
 from .._solver import IterativeSolver
 
 __all__ = ["FixedPointIteration"]
@@ -31,8 +32,7 @@ class FixedPointIteration(IterativeSolver):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.damping <= 1.0:
-            raise ValueError(f"damping must lie in (0, 1]; got {self.damping}")
+        set_options(self, damping=interval("damping", self.damping, 0.0, 1.0))
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         if self.damping != 1.0:

@@ -14,6 +14,7 @@ import torch
 from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
+from .._settings import one_of
 from .._solver import Solver
 from .._transforms import plain
 
@@ -85,10 +86,7 @@ class ScipyRoot(Solver):
     scipy_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in _OPTIONS:
-            close = difflib.get_close_matches(str(self.method), _METHODS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {self.method!r}{hint}")
+        one_of("method", self.method, _METHODS)
         if self.scipy_options is not None:
             if not isinstance(self.scipy_options, Mapping):
                 raise ValueError(f"scipy_options must be a dict or None; got {type(self.scipy_options).__name__}")
@@ -152,9 +150,12 @@ class ScipyRoot(Solver):
             else:
                 options.update(fatol=threshold, tol_norm=np.linalg.norm)
             options.update(user)
-            result = root(
-                fun, x, method=self.method, jac=jac if self.method in _USES_JACOBIAN else None, options=options
-            )
+            try:
+                result = root(
+                    fun, x, method=self.method, jac=jac if self.method in _USES_JACOBIAN else None, options=options
+                )
+            except _NonFinite:  # z[b] holds the point where F is not finite, for the final check
+                return used, ""
             used += int(result.get(count_key, result.get("nfev", 0)))
             x = np.asarray(result.x, dtype=np.float64).reshape(-1)
             z[b] = torch.as_tensor(x, dtype=system.dtype, device=system.device)
@@ -174,6 +175,10 @@ class ScipyRoot(Solver):
         """The library's residual bound for sample ``b`` when ``‖z_b‖`` is ``norm``."""
         reference = norm if monitor.reference is None else float(monitor.reference[b])
         return monitor.tol * reference + monitor.atol
+
+
+class _NonFinite(Exception):
+    """Raised by a sample's residual function to stop SciPy at a non-finite value."""
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -201,7 +206,10 @@ def _sample_functions(
 
     def fun(x: np.ndarray) -> np.ndarray:
         place(x)
-        return _numpy(system.residual(z)[b])
+        out = _numpy(system.residual(z)[b])
+        if not np.isfinite(out).all():
+            raise _NonFinite  # SciPy would go on evaluating around it; the monitor names the variable
+        return out
 
     def jac(x: np.ndarray) -> np.ndarray:
         place(x)
