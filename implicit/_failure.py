@@ -83,7 +83,10 @@ def handle_failure(monitor: Monitor, on_failure: str, what: str, solver: str | N
             )
         else:
             figures["kind"] = "nonfinite"
-            text = f"{label}: non-finite value in {names}; the solve stopped there and its result is not usable"
+            after = (
+                "the best iterate before it is returned, unconverged" if monitor.track_best else "its result is not usable"
+            )
+            text = f"{label}: non-finite value in {names}; the solve stopped there and {after}"
         if on_failure == "raise":
             raise SolverError(f"{text} ({monitor.message})", **figures)
         warn_at_caller(ConvergenceWarning(text + "; see the warning's attributes or the stats for figures", **figures))

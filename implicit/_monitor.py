@@ -38,6 +38,11 @@ class Monitor:
         max_iter: The most steps the solver may take.
         reference: Per-sample norms ``(B,)`` to scale ``tol`` by instead of
             ``‖z‖`` (a linear solve ``A x = b`` passes ``‖b‖``).
+        track_best: Keep, per sample, the iterate of smallest residual seen
+            (one state-sized buffer, updated without host synchronisation);
+            :meth:`result` then returns it and the stats report its residual.
+            Ties go to the later iterate, so a solve whose residual never
+            rises returns its last iterate.
 
     A state of at most :data:`HOST_NUMEL` numbers on the CPU is checked in
     Python arithmetic on its values (read with ``tolist``): for so few
@@ -55,8 +60,17 @@ class Monitor:
         atol: float,
         max_iter: int,
         reference: torch.Tensor | None = None,
+        track_best: bool = False,
     ) -> None:
         self.structure = structure
+        self.track_best = track_best
+        # The best iterate per sample and its residual norm: tensors, or on the
+        # host path rows of values and floats (with whether each is the last check's).
+        self._best: torch.Tensor | None = None
+        self._best_rn: torch.Tensor | None = None
+        self._best_rows: list[list[float]] | None = None
+        self._best_rn_host: list[float] | None = None
+        self._best_is_last: list[bool] = []
         self.reference = reference
         self.tol = tol
         self.atol = atol
@@ -91,7 +105,43 @@ class Monitor:
     @property
     def final_residual(self) -> torch.Tensor | None:
         """Per-sample residual norms ``(B,)`` of the iterate the solve returns (``None`` before a check)."""
+        if self._best_rn is not None:
+            return self._best_rn
+        if self._best_rn_host is not None:
+            return self._tensor(self._best_rn_host)
         return self.residual
+
+    def result(self, z: torch.Tensor) -> torch.Tensor:
+        """What the solve returns, given the last checked iterate ``z``: the best iterate per sample when tracked."""
+        if self._best is not None:
+            return self._best
+        if self._best_rows is not None and not all(self._best_is_last):
+            return torch.tensor(self._best_rows, dtype=z.dtype, device=z.device).view_as(z)
+        return z
+
+    def _keep_best(self, z: torch.Tensor, rn: torch.Tensor) -> None:
+        """Tensor path of ``track_best``: rows of ``z`` whose residual is no larger than the best's."""
+        if self._best is None or self._best_rn is None:
+            self._best, self._best_rn = z.clone(), rn.clone()
+            return
+        # No larger (ties to the later iterate), or the best is NaN and this is not.
+        better = ~(rn > self._best_rn) & ~rn.isnan()
+        torch.where(better[:, None], z, self._best, out=self._best)
+        torch.where(better, rn, self._best_rn, out=self._best_rn)
+
+    def _keep_best_host(self, z_rows: list[list[float]], rn: list[float]) -> None:
+        """Host path of ``track_best``, on the values already read."""
+        if self._best_rows is None or self._best_rn_host is None:
+            self._best_rows, self._best_rn_host = z_rows, list(rn)
+            self._best_is_last = [True] * len(rn)
+            return
+        best_rn = self._best_rn_host
+        for b, value in enumerate(rn):
+            better = not value > best_rn[b] and value == value
+            if better:
+                self._best_rows[b] = z_rows[b]
+                best_rn[b] = value
+            self._best_is_last[b] = better
 
     @property
     def history(self) -> torch.Tensor:
@@ -135,6 +185,8 @@ class Monitor:
         # converged?" and, being NaN or infinite otherwise, "all finite?" in
         # the single host synchronisation of the iteration.
         margin = torch.sub(rn, zn, alpha=self.tol)
+        if self.track_best:
+            self._keep_best(z, rn)
         self._history.append(rn)  # type: ignore[arg-type]
         self._residual = rn
         self._margin = margin
@@ -171,10 +223,11 @@ class Monitor:
     ) -> bool:
         """:meth:`check` given the residual norms (and ``z``'s values, read here if not given)."""
         self._residual = self._active = self._converged = None
-        if self._reference is not None:
-            zn = self._reference
-        else:
-            zn = _norms(z.tolist() if z_rows is None else z_rows)
+        if z_rows is None and (self._reference is None or self.track_best):
+            z_rows = z.tolist()
+        zn = self._reference if self._reference is not None else _norms(z_rows)  # type: ignore[arg-type]
+        if self.track_best:
+            self._keep_best_host(z_rows, rn)  # type: ignore[arg-type]
         tol = self.tol
         margin = [a - tol * b for a, b in zip(rn, zn)]
         self._history.append(rn)  # type: ignore[arg-type]

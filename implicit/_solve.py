@@ -109,11 +109,14 @@ def solve(
         start = structure.flatten(z0).detach()
         if structure.kind == "tensor":  # a view of z0: never hand the caller's memory back
             start = start.clone()
-        monitor = Monitor(structure, tol=float(tol), atol=float(atol), max_iter=max_iter)
+        monitor = Monitor(structure, tol=float(tol), atol=float(atol), max_iter=max_iter, track_best=True)
         with system.precision():
             z_flat = solver_obj.solve(system, start, monitor)
     if monitor.converged is None:
         raise RuntimeError(f"solver {solver_obj.name!r} returned without checking convergence")
+    # Per sample, the iterate of smallest residual: the last one where the residual never rose
+    # (a converged sample's, always), and where a non-monotone solver ended worse, a better one.
+    z_flat = monitor.result(z_flat)
     stats = monitor.stats(solver_obj.name, system.nfe, problem.batched)
     handle_failure(monitor, on_failure, f"forward solve ({solver_obj.name})")
 
