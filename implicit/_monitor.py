@@ -42,7 +42,8 @@ class Monitor:
             (one state-sized buffer, updated without host synchronisation);
             :meth:`result` then returns it and the stats report its residual.
             Ties go to the later iterate, so a solve whose residual never
-            rises returns its last iterate.
+            rises returns its last iterate; a sample that converged returns
+            the iterate that met the tolerance.
 
     A state of at most :data:`HOST_NUMEL` numbers on the CPU is checked in
     Python arithmetic on its values (read with ``tolist``): for so few
@@ -71,6 +72,7 @@ class Monitor:
         self._best_rows: list[list[float]] | None = None
         self._best_rn_host: list[float] | None = None
         self._best_is_last: list[bool] = []
+        self._last_rows: list[list[float]] = []
         self.reference = reference
         self.tol = tol
         self.atol = atol
@@ -105,18 +107,34 @@ class Monitor:
     @property
     def final_residual(self) -> torch.Tensor | None:
         """Per-sample residual norms ``(B,)`` of the iterate the solve returns (``None`` before a check)."""
-        if self._best_rn is not None:
-            return self._best_rn
-        if self._best_rn_host is not None:
-            return self._tensor(self._best_rn_host)
-        return self.residual
+        last = self.residual
+        if self._best_rn is not None and last is not None:
+            return torch.where(self.converged, last, self._best_rn)  # type: ignore[arg-type]
+        if self._best_rn_host is not None and isinstance(self._margin, list):
+            rn = self._history[-1]
+            conv = self._host_converged()
+            return self._tensor([a if c else b for a, b, c in zip(rn, self._best_rn_host, conv)])  # type: ignore[misc]
+        return last
+
+    def _host_converged(self) -> list[bool]:
+        return [v <= self.atol for v in self._margin]  # type: ignore[union-attr]
 
     def result(self, z: torch.Tensor) -> torch.Tensor:
-        """What the solve returns, given the last checked iterate ``z``: the best iterate per sample when tracked."""
+        """What the solve returns, given the last checked iterate ``z``, when the best is tracked.
+
+        A sample that converged returns its last iterate (the one that met
+        the tolerance, which is relative: a converged iterate far out may
+        have a larger residual norm than an unconverged one near the start);
+        one that did not returns the iterate of smallest residual norm seen.
+        """
         if self._best is not None:
-            return self._best
-        if self._best_rows is not None and not all(self._best_is_last):
-            return torch.tensor(self._best_rows, dtype=z.dtype, device=z.device).view_as(z)
+            return torch.where(self.converged[:, None], z, self._best)  # type: ignore[index]
+        if self._best_rows is not None:
+            conv = self._host_converged()
+            if all(last or c for last, c in zip(self._best_is_last, conv)):
+                return z
+            rows = [last if c else best for last, best, c in zip(self._last_rows, self._best_rows, conv)]
+            return torch.tensor(rows, dtype=z.dtype, device=z.device).view_as(z)
         return z
 
     def _keep_best(self, z: torch.Tensor, rn: torch.Tensor) -> None:
@@ -131,8 +149,9 @@ class Monitor:
 
     def _keep_best_host(self, z_rows: list[list[float]], rn: list[float]) -> None:
         """Host path of ``track_best``, on the values already read."""
+        self._last_rows = z_rows
         if self._best_rows is None or self._best_rn_host is None:
-            self._best_rows, self._best_rn_host = z_rows, list(rn)
+            self._best_rows, self._best_rn_host = list(z_rows), list(rn)
             self._best_is_last = [True] * len(rn)
             return
         best_rn = self._best_rn_host

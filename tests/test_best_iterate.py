@@ -132,3 +132,18 @@ def test_a_non_finite_stop_returns_the_best_finite_iterate():
     # z_0 = 0, z_1 = 1, z_2 = 1.5, z_3 = 1.75 (whose map value is NaN): z_2 is the best checked
     torch.testing.assert_close(sol.z, torch.full((2,), 1.5, dtype=F64))
     assert math.isfinite(float(sol.stats.residual))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_converged_sample_returns_the_iterate_that_met_the_relative_tolerance(host):
+    # Full Newton steps on atan from |z0| > 1.39 run off to |z| ~ 1e10, where |atan z| ≤ π/2 ≤ tol·|z|:
+    # converged, with a residual norm larger than at the start. That iterate is returned, not z0.
+    z0 = torch.tensor([0.5, 2.0, -3.0, 10.0], dtype=F64)
+    with host_numel(monitor_module.HOST_NUMEL if host else 0):
+        sol = implicit.solve(implicit.ImplicitProblem(torch.atan, batched=True), z0, solver="newton_krylov",
+                             tol=1e-10, max_iter=20, solver_options={"line_search": False})
+    assert sol.converged
+    history = sol.stats.history
+    assert bool((history[-1, 1:] > history[0, 1:]).all())
+    assert bool((sol.z[1:].abs() > 1e3).all())
+    torch.testing.assert_close(sol.stats.residual, torch.atan(sol.z).abs(), rtol=1e-12, atol=0)
