@@ -38,19 +38,30 @@ class _JacobianProduct:
         self.system, self.z = system, z
         self.graph: JacobianFromGraph | None = None
         # (A linear system from an adjoint has its products already: residual_jvp.)
+        # Under torch.inference_mode() no graph is recorded unless it is left
+        # for the recording (the iterate, an inference tensor, is copied out);
+        # a map that reads inference tensors it would save (an input made
+        # there) cannot be recorded, and its products come from forward mode.
+        self.inference = torch.is_inference_mode_enabled()
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
-            with torch.enable_grad(), private_saved_tensors():
-                zz = z.detach().requires_grad_()
-                f = system.residual(zz)
-                self.graph = JacobianFromGraph(zz, f)
-            self.value = f.detach()
+            try:
+                with torch.inference_mode(False), torch.enable_grad(), private_saved_tensors():
+                    zz = (z.clone() if self.inference else z.detach()).requires_grad_()
+                    f = system.residual(zz)
+                    self.graph = JacobianFromGraph(zz, f)
+            except RuntimeError:
+                if not self.inference:
+                    raise
+                self.value = system.residual(z)
+            else:
+                self.value = f.detach()
         else:
             self.value = system.residual(z)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             try:
-                with private_saved_tensors():
+                with torch.inference_mode(False), private_saved_tensors():
                     out = self.graph(v)
             except RuntimeError:  # an operation of F without a double backward
                 self.graph = None
