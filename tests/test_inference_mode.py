@@ -99,11 +99,13 @@ def test_newton_krylov_under_inference_mode_with_an_input_it_cannot_record() -> 
     W = 0.3 * torch.randn(4, 4, dtype=f64, generator=g) / 2
     with torch.inference_mode():
         x = torch.randn(4, dtype=f64, generator=g)
-    problem = implicit.ImplicitProblem.fixed_point(lambda z: torch.tanh(W @ (x * z) + x))
     kwargs = {"solver": "newton_krylov", "tol": 1e-12, "on_failure": "raise"}
+    x_normal = x.clone()  # outside inference mode: a tensor autograd may save
     with torch.no_grad():
+        problem = implicit.ImplicitProblem.fixed_point(lambda z: torch.tanh(W @ (x_normal * z) + x_normal))
         expected = implicit.solve(problem, torch.zeros(4, dtype=f64), **kwargs).z
     with torch.inference_mode():
+        problem = implicit.ImplicitProblem.fixed_point(lambda z: torch.tanh(W @ (x * z) + x))
         z = implicit.solve(problem, torch.zeros(4, dtype=f64), **kwargs).z
     assert torch.allclose(z, expected, rtol=1e-10, atol=1e-12)
     assert torch.allclose(z, torch.tanh(W @ (x * z) + x), rtol=1e-10, atol=1e-12)
