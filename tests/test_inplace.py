@@ -174,3 +174,30 @@ def test_under_the_callers_saved_tensor_hooks_the_recomputed_evaluation_checks_t
         W.mul_(1.5)
     with pytest.raises(RuntimeError, match=f"tensor 'W' .* was {MODIFIED}"):
         out.sum().backward()
+
+
+def test_the_variables_of_a_returned_dict_are_views_edited_through_a_clone() -> None:
+    # Documented in docs/concepts.md: the variables of a differentiable solution are
+    # views of one tensor, which autograd does not let be edited in place; a clone can be.
+    W, x = _setup(7)
+    sol = _solve(_map(W, x), "exact")
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace.*out-of-place one"):
+        sol.z["h"].add_(1.0)
+    h = sol.z["h"].clone()
+    h.add_(1.0)
+    (g,) = torch.autograd.grad((h**2).sum(), W)
+    z_star = {k: v.detach() for k, v in sol.z.items()}
+    G = lambda state, p: _map(p[0], x)(state)  # noqa: E731
+    (ref,) = ift_grads(G, z_star, [W], {"h": 2 * (z_star["h"] + 1.0), "s": torch.zeros_like(z_star["s"])})
+    torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-7)
+
+
+def test_a_returned_tensor_state_may_be_edited_in_place() -> None:
+    W, x = _setup(8)
+    z = implicit.fixed_point(lambda z: torch.tanh(z @ W.T + x), torch.zeros(3, 5, dtype=f64), tol=1e-11)
+    z_star = z.detach().clone()
+    z.mul_(2.0)  # the solution's own memory: nothing the backward reads
+    (g,) = torch.autograd.grad(z.sum(), W)
+    G = lambda state, p: {"h": torch.tanh(state["h"] @ p[0].T + x)}  # noqa: E731
+    (ref,) = ift_grads(G, {"h": z_star}, [W], {"h": torch.full_like(z_star, 2.0)})
+    torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-7)
