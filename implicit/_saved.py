@@ -150,8 +150,8 @@ def modified_in_place(t: torch.Tensor, expected: int, reads: Any = None) -> Runt
         f"{what}(shape {tuple(t.shape)}, dtype {t.dtype}) was modified in place after the solve: it is at "
         f"version {t._version}, expected version {expected}, when the solution was attached for backward. The "
         "implicit gradient needs the values the map read at the solution, and a gradient from the changed ones "
-        "would be wrong. Call backward() before changing parameters or inputs in place (e.g. optimizer.step() "
-        "before backward() is the usual cause), or modify a clone."
+        "would be wrong. Call backward() before changing parameters or inputs in place (optimizer.step() "
+        "before backward() is the usual cause), or change a clone instead."
     )
 
 
