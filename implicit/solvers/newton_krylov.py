@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,7 +46,7 @@ class _JacobianProduct:
         self.inference = torch.is_inference_mode_enabled()
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
             try:
-                with torch.inference_mode(False), torch.enable_grad(), private_saved_tensors():
+                with _outside_inference(self.inference), torch.enable_grad(), private_saved_tensors():
                     zz = (z.clone() if self.inference else z.detach()).requires_grad_()
                     f = system.residual(zz)
                     self.graph = JacobianFromGraph(zz, f)
@@ -61,7 +62,7 @@ class _JacobianProduct:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             try:
-                with torch.inference_mode(False), private_saved_tensors():
+                with _outside_inference(self.inference), private_saved_tensors():
                     out = self.graph(v)
             except RuntimeError:  # an operation of F without a double backward
                 self.graph = None
@@ -70,6 +71,10 @@ class _JacobianProduct:
         # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
         # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
         return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
+
+
+def _outside_inference(inference: bool) -> contextlib.AbstractContextManager[object]:
+    return torch.inference_mode(False) if inference else contextlib.nullcontext()
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
