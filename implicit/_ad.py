@@ -431,15 +431,18 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
     """``z_star`` re-attached to autograd with its implicit derivatives (see the module docstring).
 
     Returns ``z_star`` itself when no graph is being recorded or when ``G``
-    reads no tensor that requires grad.
+    reads no tensor that requires grad, and always under
+    ``torch.inference_mode()``, where nothing can be differentiated.
     """
-    if not torch.is_grad_enabled() and fwAD._current_level < 0:
+    if torch.is_inference_mode_enabled() or (not torch.is_grad_enabled() and fwAD._current_level < 0):
         return z_star
     system = lin.system
     z0 = z_star.detach()
     # The two evaluations of G keep one set of saved tensors between them
     # (see _saved); without saved-tensor hooks (torch.func) each keeps its own.
-    shared = SharedSaves.create() if fwAD._current_level < 0 else None
+    # Each checks, on unpack, that no tensor it saved was modified in place since.
+    reads = system.problem.fn
+    shared = SharedSaves.create(reads) if fwAD._current_level < 0 else None
     g_in = None
     if shared is not None:
         z_in = z0.detach().requires_grad_()
@@ -458,7 +461,7 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
     elif fwAD._current_level < 0 and torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
         # PyTorch without access to the caller's hooks: this evaluation keeps nothing.
         try:
-            g_in = evaluate_without_saving(system.map, z0)
+            g_in = evaluate_without_saving(system.map, z0, reads)
         except RuntimeError as exc:
             if "saved tensor hooks" not in str(exc):
                 raise

@@ -166,13 +166,14 @@ def check(
     findings.append(
         Finding("state", True, f"{structure.describe()}; {samples}, {structure.dtype} on {structure.device}")
     )
-    with torch.no_grad():
+    # Out of inference mode, if it is on: the products need a graph (and z0 a normal copy).
+    with torch.inference_mode(False), torch.no_grad():
         flat = structure.flatten(z0).detach().clone()
     findings.append(_finite("values of z0", structure, flat, "z0"))
 
     # One evaluation with its graph: the output's structure and values, and the products.
     what = "f" if problem.is_fixed_point else "F"
-    with no_tangents():
+    with no_tangents(), torch.inference_mode(False):
         try:
             with torch.enable_grad():
                 z = flat.clone().requires_grad_()

@@ -125,7 +125,8 @@ class System:
                 does ``z.mul_(0.5)`` would look converged at once).
         """
         self.nfe += 1
-        version = z._version
+        # Inference tensors keep no version counter: there the guard is off.
+        version = None if z.is_inference() else z._version
         if self.autocast is None:
             out = self.problem.fn(self.structure.unflatten(z))
         else:
@@ -133,7 +134,7 @@ class System:
                 out = self.problem.fn(self.structure.unflatten(z))
             # what autocast left in its lower precision returns to the state's dtype
             out = self.structure.recast(out, self.autocast)
-        if z._version != version:
+        if version is not None and z._version != version:
             raise ValueError(
                 f"{self._what} modified its input in place ({self.structure.describe()}); the input is the "
                 "solver's current iterate, so return new tensors instead (z.mul(0.5) rather than z.mul_(0.5))"

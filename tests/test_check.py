@@ -166,3 +166,13 @@ def test_a_function_that_raises_is_reported():
 def test_not_a_problem_is_a_type_error():
     with pytest.raises(TypeError, match="ImplicitProblem"):
         implicit.check(lambda z: z, torch.zeros(2))  # type: ignore[arg-type]
+
+
+def test_check_under_inference_mode_and_no_grad():
+    A = torch.tensor([[0.5, 0.2], [0.0, 0.25]], dtype=F64)
+    problem = implicit.ImplicitProblem.fixed_point(lambda z: A @ z + 1.0)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            report = implicit.check(problem, torch.zeros(2, dtype=F64))
+        assert report.ok, str(report)
+        assert float(report.spectral_radius) == pytest.approx(0.5, abs=1e-12)

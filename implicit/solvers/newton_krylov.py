@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,19 +40,30 @@ class _JacobianProduct:
         self.system, self.z = system, z
         self.graph: JacobianFromGraph | None = None
         # (A linear system from an adjoint has its products already: residual_jvp.)
+        # Under torch.inference_mode() no graph is recorded unless it is left
+        # for the recording (the iterate, an inference tensor, is copied out);
+        # a map that reads inference tensors it would save (an input made
+        # there) cannot be recorded, and its products come from forward mode.
+        self.inference = torch.is_inference_mode_enabled()
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
-            with torch.enable_grad(), private_saved_tensors():
-                zz = z.detach().requires_grad_()
-                f = system.residual(zz)
-                self.graph = JacobianFromGraph(zz, f)
-            self.value = f.detach()
+            try:
+                with _outside_inference(self.inference), torch.enable_grad(), private_saved_tensors():
+                    zz = (z.clone() if self.inference else z.detach()).requires_grad_()
+                    f = system.residual(zz)
+                    self.graph = JacobianFromGraph(zz, f)
+            except RuntimeError:
+                if not self.inference:
+                    raise
+                self.value = system.residual(z)
+            else:
+                self.value = f.detach()
         else:
             self.value = system.residual(z)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             try:
-                with private_saved_tensors():
+                with _outside_inference(self.inference), private_saved_tensors():
                     out = self.graph(v)
             except RuntimeError:  # an operation of F without a double backward
                 self.graph = None
@@ -60,6 +72,10 @@ class _JacobianProduct:
         # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
         # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
         return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
+
+
+def _outside_inference(inference: bool) -> contextlib.AbstractContextManager[object]:
+    return torch.inference_mode(False) if inference else contextlib.nullcontext()
 
 
 @register_solver("newton_krylov")
