@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,23 +35,51 @@ class _JacobianProduct:
     when every sample takes it the next Newton step needs no evaluation.
     """
 
-    def __init__(self, system: System, z: torch.Tensor) -> None:
+    def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
         self.system, self.z = system, z
         self.graph: JacobianFromGraph | None = None
+        # Whether F runs under saved-tensor hooks: None until tried (see _record).
+        self.hooks = hooks
         # (A linear system from an adjoint has its products already: residual_jvp.)
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
-            with torch.enable_grad(), private_saved_tensors():
+            with torch.enable_grad():
                 zz = z.detach().requires_grad_()
-                f = system.residual(zz)
+                f = self._record(zz)
                 self.graph = JacobianFromGraph(zz, f)
             self.value = f.detach()
         else:
             self.value = system.residual(z)
 
+    def _record(self, zz: torch.Tensor) -> torch.Tensor:
+        """``F(zz)`` with its graph, its saved tensors kept from the caller's hooks where ``F`` allows.
+
+        A residual that calls ``torch.func.grad`` or ``vjp`` (the optimality
+        condition of an objective) cannot run while any saved-tensor hook is
+        installed. The first evaluation of a solve tries with the private
+        hooks; if it fails, ``F`` is evaluated once more without them, and
+        the outcome decides for the rest of the solve: succeeding, ``F``
+        refuses hooks (and, having run, none of the caller's are installed,
+        so there is nothing to keep the graph from); failing again, the
+        error is ``F``'s own and propagates.
+        """
+        if self.hooks is False:
+            return self.system.residual(zz)
+        try:
+            with private_saved_tensors():
+                f = self.system.residual(zz)
+        except RuntimeError:
+            if self.hooks:  # F ran under the hooks before: this error is its own
+                raise
+            f = self.system.residual(zz)
+            self.hooks = False
+        else:
+            self.hooks = True
+        return f
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             try:
-                with private_saved_tensors():
+                with private_saved_tensors() if self.hooks else contextlib.nullcontext():
                     out = self.graph(v)
             except RuntimeError:  # an operation of F without a double backward
                 self.graph = None
@@ -141,6 +170,7 @@ class NewtonKrylov(Solver):
         z = z0
         first = _JacobianProduct(system, z)
         product: _JacobianProduct | None = first
+        hooks = first.hooks
         f = first.value
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
@@ -156,7 +186,7 @@ class NewtonKrylov(Solver):
             # Converged samples need no step: an infinite target leaves their direction at zero.
             target = torch.where(active, eta_k * fn, torch.full_like(fn, float("inf")))
             if product is None:  # the line search backtracked: F's graph at the new iterate
-                product = _JacobianProduct(system, z)
+                product = _JacobianProduct(system, z, hooks)
             d = gmres(
                 product,
                 -f,
@@ -166,7 +196,8 @@ class NewtonKrylov(Solver):
                 max_iter=self.max_inner,
                 confirm=False,
             ).x
-            z_new, f_new, product = self._step(system, z, f, fn, d, active)
+            hooks = product.hooks
+            z_new, f_new, product = self._step(system, z, f, fn, d, active, hooks)
             fn_prev = fn
             z, f = z_new, f_new
             fn = torch.linalg.vector_norm(f, dim=1)
@@ -187,6 +218,7 @@ class NewtonKrylov(Solver):
         fn: torch.Tensor,
         d: torch.Tensor,
         active: torch.Tensor,
+        hooks: bool | None,
     ) -> tuple[torch.Tensor, torch.Tensor, _JacobianProduct | None]:
         """The next iterate, its residual, and ``F``'s graph there if every sample took the full step.
 
@@ -195,7 +227,7 @@ class NewtonKrylov(Solver):
         """
         if not self.line_search:
             z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
-            product = _JacobianProduct(system, z_new)
+            product = _JacobianProduct(system, z_new, hooks)
             return z_new, product.value, product
         lam = torch.ones_like(fn)
         decided = ~active
@@ -203,7 +235,7 @@ class NewtonKrylov(Solver):
         for trial in range(self.max_backtracks + 1):
             z_try = z + lam[:, None] * d
             if trial == 0:
-                full = _JacobianProduct(system, z_try)
+                full = _JacobianProduct(system, z_try, hooks)
                 f_try = full.value
             else:
                 f_try = system.residual(z_try)
