@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .._krylov import gmres
+from .._krylov import default_restart, gmres
 from .._monitor import Monitor
 from .._problem import System
 from .._products import JacobianFromGraph, private_saved_tensors
@@ -92,7 +92,9 @@ class _JacobianProduct:
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+        raise ValueError(
+            f"{name} must be an int >= {minimum}{' or None' if name in ('restart', 'max_inner') else ''}; got {value!r}"
+        )
 
 
 @register_solver("newton_krylov")
@@ -128,8 +130,14 @@ class NewtonKrylov(Solver):
     enough) and one per line-search trial.
 
     Args:
-        restart: GMRES steps per restart cycle of the inner solve.
-        max_inner: The most GMRES steps (Jacobian-vector products) per Newton step.
+        restart: GMRES steps per restart cycle of the inner solve. ``None``
+            (default): the number of unknowns per sample ``N`` (full GMRES:
+            a shorter restart can stall the inner solve for good on systems
+            of more unknowns), capped so that the basis, ``(restart + 1)·N·B``
+            numbers, stays within 2²² (``implicit._krylov.default_restart``).
+        max_inner: The most GMRES steps (Jacobian-vector products) per Newton
+            step. ``None`` (default): ``max(40, restart)``, so that one full
+            cycle fits.
         eta_max: Upper bound on the forcing term, in ``(0, 1)``; also
             ``η_0``, and the constant forcing term when ``forcing="constant"``.
         forcing: ``"eisenstat_walker"`` (choice 2) or ``"constant"``.
@@ -148,16 +156,18 @@ class NewtonKrylov(Solver):
     alpha: ClassVar[float] = 2.0
     armijo: ClassVar[float] = 1e-4
 
-    restart: int = 20
-    max_inner: int = 40
+    restart: int | None = None
+    max_inner: int | None = None
     eta_max: float = 0.9
     forcing: str = "eisenstat_walker"
     line_search: bool = True
     max_backtracks: int = 10
 
     def __post_init__(self) -> None:
-        _positive_int("restart", self.restart)
-        _positive_int("max_inner", self.max_inner)
+        if self.restart is not None:
+            _positive_int("restart", self.restart)
+        if self.max_inner is not None:
+            _positive_int("max_inner", self.max_inner)
         _positive_int("max_backtracks", self.max_backtracks, minimum=0)
         if isinstance(self.eta_max, bool) or not (isinstance(self.eta_max, (int, float)) and 0 < self.eta_max < 1):
             raise ValueError(f"eta_max must lie in (0, 1); got {self.eta_max!r}")
@@ -175,6 +185,8 @@ class NewtonKrylov(Solver):
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
         fn_prev: torch.Tensor | None = None
+        restart = default_restart(*z.shape) if self.restart is None else self.restart
+        max_inner = max(40, restart) if self.max_inner is None else self.max_inner
         while not monitor.check(z, f):
             assert monitor.active is not None
             active = monitor.active
@@ -190,10 +202,10 @@ class NewtonKrylov(Solver):
             d = gmres(
                 product,
                 -f,
-                restart=self.restart,
+                restart=restart,
                 tol=0.0,
                 atol=target,
-                max_iter=self.max_inner,
+                max_iter=max_inner,
                 confirm=False,
             ).x
             hooks = product.hooks
