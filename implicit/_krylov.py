@@ -20,7 +20,44 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-__all__ = ["GMRESResult", "Tolerance", "gmres"]
+__all__ = ["RESTART_BUDGET", "STAGNATION", "GMRESResult", "Tolerance", "default_restart", "gmres"]
+
+RESTART_BUDGET = 2**22
+"""The most numbers (``(restart + 1)·N·B``) that the Krylov basis of a default restart may hold.
+
+32 MiB in float64. ``default_restart`` keeps the basis within it, which for
+the states of most implicit layers (a few thousand unknowns per batch) means
+no restart at all.
+"""
+
+STAGNATION = 1e-3
+"""A restart cycle that lowers no unconverged row's residual by more than this fraction has stagnated."""
+
+
+def default_restart(batch: int, size: int) -> int:
+    """The restart of GMRES when none is given: ``min(N, cap)``, ``cap`` from :data:`RESTART_BUDGET`.
+
+    GMRES restarted after fewer steps than the ``N`` unknowns per row may
+    stagnate for good (a cycle that makes no progress is repeated exactly by
+    the next one), so the default is ``N``: full GMRES, which cannot. Its
+    basis holds ``(restart + 1)·N·B`` numbers (the rotations at most as many
+    again), so the restart is capped where that exceeds
+    :data:`RESTART_BUDGET`, though never below ``min(N, 20)``.
+
+    Args:
+        batch: ``B``, the rows solved together.
+        size: ``N``, the unknowns per row.
+
+    Returns:
+        The restart, an int ``≥ 1``.
+
+    Examples:
+        >>> from implicit._krylov import default_restart
+        >>> default_restart(32, 45), default_restart(64, 512), default_restart(1, 3)
+        (45, 127, 3)
+    """
+    cap = RESTART_BUDGET // max(1, batch * size) - 1
+    return max(1, min(size, max(cap, 20)))
 
 
 class Checker(Protocol):
@@ -32,7 +69,8 @@ class Checker(Protocol):
     or infinity was seen. Within a cycle :func:`gmres` hands it the cycle's
     first iterate and a ``(B, 1)`` tensor holding the norm of the current
     residual, so a checker must judge by ``‖r‖`` alone (a ``Monitor`` with
-    its ``reference`` set to ``‖b‖`` does).
+    its ``reference`` set to ``‖b‖`` does). When the solve stagnates,
+    :func:`gmres` writes why into its ``message``, if it has one.
     """
 
     @property
@@ -65,6 +103,7 @@ class Tolerance:
         self.converged: torch.Tensor | None = None
         self.active: torch.Tensor | None = None
         self.nonfinite: list[str] = []
+        self.message = ""
 
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         rn = torch.linalg.vector_norm(r, dim=1)
@@ -92,12 +131,17 @@ class GMRESResult(NamedTuple):
         residual: ``‖b - A x‖`` per row as last checked, ``(B,)``.
         converged: Whether each row met its tolerance, ``(B,)``.
         iterations: Arnoldi steps taken (one product with ``A`` each).
+        stagnated: Whether each row's last full restart cycle lowered its
+            residual by less than :data:`STAGNATION` (``(B,)``; ``False``
+            for a converged row): restarting again repeats that cycle, so
+            the row will not converge at this restart.
     """
 
     x: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
     iterations: int
+    stagnated: torch.Tensor
 
 
 def gmres(
@@ -105,7 +149,7 @@ def gmres(
     b: torch.Tensor,
     x0: torch.Tensor | None = None,
     *,
-    restart: int = 20,
+    restart: int | None = None,
     tol: float | torch.Tensor = 1e-6,
     atol: float | torch.Tensor = 0.0,
     max_iter: int | None = None,
@@ -143,14 +187,18 @@ def gmres(
     four batched matrix products instead of ``2j`` vector operations; 2. the
     rotations are accumulated into a matrix ``Q``, so applying them to a new
     column is one product instead of ``j`` rotations; 3. the residual at the
-    end of a cycle is recomputed, not taken from the recurrence.
+    end of a cycle is recomputed, not taken from the recurrence; 4. a
+    solve stops when every unconverged row has stagnated: a full cycle
+    that lowers its residual by less than :data:`STAGNATION` is repeated
+    exactly by the next one, so iterating on would only spend ``max_iter``.
+    The monitor's ``message`` (and :attr:`GMRESResult.stagnated`) says so.
 
     Args:
         matvec: Applies ``A`` to a ``(B, N)`` tensor, row by row.
         b: Right-hand sides, ``(B, N)``.
         x0: Initial guess; ``None`` starts from zero and saves one product.
         restart: Arnoldi steps per cycle (the memory is ``restart + 1``
-            vectors per row).
+            vectors per row); ``None`` picks :func:`default_restart`.
         tol: Relative tolerance: row ``b`` is done when
             ``‖b_b - A x_b‖ ≤ tol·‖b_b‖ + atol``. A float or a ``(B,)`` tensor.
         atol: Absolute tolerance, a float or a ``(B,)`` tensor (``inf``
@@ -177,8 +225,10 @@ def gmres(
         raise ValueError(f"b must be a (B, N) tensor; got shape {tuple(b.shape)}")
     if x0 is not None and x0.shape != b.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected {tuple(b.shape)} as b")
+    if restart is None:
+        restart = default_restart(b.shape[0], b.shape[1])
     if isinstance(restart, bool) or not (isinstance(restart, int) and restart >= 1):
-        raise ValueError(f"restart must be a positive int; got {restart!r}")
+        raise ValueError(f"restart must be a positive int or None; got {restart!r}")
     if monitor is None:
         target = tol * torch.linalg.vector_norm(b, dim=1) + atol
         steps = 10 * b.shape[1] if max_iter is None else max_iter
@@ -195,6 +245,7 @@ def gmres(
         r = b - matvec(x)
     stop, exact = monitor.check(x, r), True
     arnoldi: _Arnoldi | None = None
+    stagnated = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
     while True:
         if stop:
             if exact or not confirm or monitor.nonfinite:
@@ -205,10 +256,34 @@ def gmres(
                 break
         if arnoldi is None:
             arnoldi = _Arnoldi(b, restart)
+        start = torch.linalg.vector_norm(r, dim=1)
         x, r, stop, exact = arnoldi.cycle(matvec, b, x, r, monitor)
+        if not stop:  # a full cycle, not the last: did it make progress? (one host read per cycle)
+            assert monitor.active is not None
+            end = torch.linalg.vector_norm(r, dim=1)
+            stagnated = monitor.active & ~(end < (1 - STAGNATION) * start)
+            if bool((stagnated | ~monitor.active).all()):
+                _report_stagnation(monitor, stagnated, end, restart, b.shape[1])
+                break
     assert monitor.active is not None
     rn = torch.linalg.vector_norm(r, dim=1)
-    return GMRESResult(x, rn, ~monitor.active, int(getattr(monitor, "iterations", 0)))
+    return GMRESResult(x, rn, ~monitor.active, int(getattr(monitor, "iterations", 0)), stagnated & monitor.active)
+
+
+def _report_stagnation(
+    monitor: Checker, stagnated: torch.Tensor, residual: torch.Tensor, restart: int, size: int
+) -> None:
+    """Write into the monitor's ``message`` (where it has one) that the solve stopped on stagnation."""
+    if not hasattr(monitor, "message"):
+        return
+    count = int(stagnated.sum())
+    worst = float(residual.masked_fill(~stagnated, 0).max())
+    monitor.message = (
+        f"GMRES stagnated after {getattr(monitor, 'iterations', '?')} steps: a restart cycle of {restart} steps "
+        f"lowered the residual of none of the {count} unconverged rows by {STAGNATION:.1%} (largest residual "
+        f"{worst:.3e}), and every later cycle would repeat it; raise restart (to the {size} unknowns per row "
+        "for full GMRES, which does not stagnate) or, for small systems, a dense solve (adjoint='exact')"
+    )
 
 
 class _Arnoldi:

@@ -11,10 +11,13 @@ import torch
 from ._stats import SolverStats
 from ._structure import Structure
 
-__all__ = ["HOST_NUMEL", "Monitor"]
+__all__ = ["DIVERGENCE", "HOST_NUMEL", "Monitor"]
 
 HOST_NUMEL = 64
 """The largest state (``B·N`` numbers) that a :class:`Monitor` checks in Python arithmetic on the CPU."""
+
+DIVERGENCE = 1e8
+"""A solve whose largest residual norm exceeds this multiple of its first has diverged, and stops."""
 
 
 def _norms(rows: list[list[float]]) -> list[float]:
@@ -92,6 +95,8 @@ class Monitor:
         self._active: torch.Tensor | None = None
         self._converged: torch.Tensor | None = None
         self._frozen = False  # whether any sample has converged (only then is freezing needed)
+        self._initial: float | None = None  # the largest residual norm at the first check
+        self.diverged = False
 
     def _tensor(self, values: list[float] | list[bool], mask: bool = False) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.bool if mask else self.structure.work_dtype)
@@ -217,8 +222,12 @@ class Monitor:
             lo, hi = torch.aminmax(margin)
             worst, best = float(hi), float(lo)  # one synchronisation: the second value is ready
         self._frozen = best <= self.atol
+        if self._initial is None:  # one more read, at the first check only
+            self._initial = float(rn.max()) if rn.numel() else 0.0
         if not math.isfinite(worst) and not bool(torch.isfinite(rn).all() & torch.isfinite(zn).all()):
             return self._stop_nonfinite(z, r)
+        if worst > DIVERGENCE * self._initial:
+            return self._stop_diverged(z, r, float(rn.max()))
         return self._decide(worst)
 
     def check_map(self, z: torch.Tensor, g: torch.Tensor) -> bool:
@@ -251,9 +260,14 @@ class Monitor:
         margin = [a - tol * b for a, b in zip(rn, zn)]
         self._history.append(rn)  # type: ignore[arg-type]
         self._margin = margin
+        if self._initial is None:
+            self._initial = max(rn, default=0.0)
         if all(map(math.isfinite, margin)):
             self._frozen = min(margin, default=-math.inf) <= self.atol
-            return self._decide(max(margin, default=-math.inf))  # an empty batch has nothing to solve
+            worst = max(margin, default=-math.inf)  # an empty batch has nothing to solve
+            if worst > DIVERGENCE * self._initial:
+                return self._stop_diverged(z, residual(), max(rn))
+            return self._decide(worst)
         self._frozen = min((v for v in margin if v == v), default=math.inf) <= self.atol
         if not all(map(math.isfinite, rn + zn)):
             return self._stop_nonfinite(z, residual())
@@ -263,7 +277,8 @@ class Monitor:
         """Name the variables holding a NaN or infinity, and stop."""
         # r may be a (B, 1) vector of residual norms (gmres within a cycle): no variables to name.
         bad = (self.structure.nonfinite(r) if r.shape[1] == z.shape[1] else []) or self.structure.nonfinite(z)
-        bad = bad or ["(unknown)"]
+        if not bad:  # every value finite, but a norm overflowed: the iteration diverged
+            return self._stop_diverged(z, r, math.inf)
         self.nonfinite = bad
         self.message = f"non-finite value in {', '.join(bad)} after {self.iterations} iterations"
         self.reason = "nonfinite"
@@ -274,6 +289,25 @@ class Monitor:
         self.nonfinite = names or self.nonfinite
         self.nonfinite_input = True
         self.message = f"non-finite value in {', '.join(self.nonfinite)} of {source}, before any iteration"
+
+    def _stop_diverged(self, z: torch.Tensor, r: torch.Tensor, now: float) -> bool:
+        """Stop a solve whose residual grew past :data:`DIVERGENCE` times its first (or overflowed)."""
+        self.diverged = True
+        self.reason = "diverged"
+        where = ""
+        if r.shape[1] == z.shape[1]:  # the variable holding the largest residual entry
+            peaks = [float(part.abs().max()) if part.numel() else 0.0 for part in r.split(self.structure.sizes, dim=1)]
+            where = f", largest in {self.structure.names[max(range(len(peaks)), key=peaks.__getitem__)]}"
+        initial = self._initial or 0.0
+        if initial == math.inf:
+            self.message = f"the residual norm overflowed at the start (every value finite){where}"
+        else:
+            growth = "overflowed (every value finite)" if now == math.inf else f"grew to {now:.3e}"
+            self.message = (
+                f"diverged: the residual norm {growth} from {initial:.3e} at the start "
+                f"after {self.iterations} iterations{where}"
+            )
+        return True
 
     def _decide(self, worst: float) -> bool:
         """Stop when every sample has converged (``worst`` margin within ``atol``) or at ``max_iter``."""

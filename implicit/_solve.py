@@ -24,12 +24,21 @@ __all__ = ["fixed_point", "root", "solve"]
 
 DEFAULT_ATOL = 1e-12
 
+# The solver loops read their convergence test on the host every iteration and
+# the backward is a custom autograd.Function over a closure; neither traces
+# (AOT autograd fails inside some solvers' in-place buffer updates), so a
+# compiled caller breaks its graph at the entry points and runs the solve
+# eagerly, as nn.DEQ does. torch.compiler.disable is the public spelling
+# since PyTorch 2.1; torch._dynamo.disable is the same function before it.
+_graph_break = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
+
 
 def _check_settings(tol: float, atol: float, max_iter: int) -> tuple[float, float, int]:
     """``(tol, atol, max_iter)`` validated, as ``float``, ``float``, ``int``."""
     return non_negative("tol", tol), non_negative("atol", atol), integer("max_iter", max_iter, minimum=0)
 
 
+@_graph_break
 def solve(
     problem: ImplicitProblem,
     z0: Any,
@@ -138,6 +147,7 @@ def solve(
     return solution
 
 
+@_graph_break
 def fixed_point(f: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
     """The fixed point ``z* = f(z*)``, differentiable by the IFT, in the structure of ``z0``.
 
@@ -164,6 +174,7 @@ def fixed_point(f: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kw
     return solve(ImplicitProblem.fixed_point(f, batched=batched), z0, **kwargs).z
 
 
+@_graph_break
 def root(F: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
     """The root ``F(z*) = 0``, differentiable by the IFT, in the structure of ``z0``.
 

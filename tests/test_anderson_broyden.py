@@ -298,19 +298,24 @@ def _anderson_reference(f, z0: torch.Tensor, steps: int, m: int, beta: float, la
 
 
 def _broyden_reference(f, z0: torch.Tensor, steps: int, memory: int) -> list[torch.Tensor]:
-    """Good Broyden with a dense inverse Jacobian per sample, reset to ``-I`` once ``memory`` updates were made."""
+    """Good Broyden with a dense inverse Jacobian per sample.
+
+    The first step takes ``H = -I``; the model then starts, and restarts once
+    ``memory`` updates were made, from ``H = γ I`` with ``γ = sᵀy / yᵀy`` of the
+    latest secant pair.
+    """
     batch, size = z0.shape
-    minus_eye = -torch.eye(size, dtype=z0.dtype).expand(batch, size, size)
-    H, updates = minus_eye.clone(), 0
+    eye = torch.eye(size, dtype=z0.dtype).expand(batch, size, size)
+    H, updates = -eye.clone(), 0
     zs = [z0]
     r_prev = None
     for _ in range(steps):
         z = zs[-1]
         r = f(z) - z
         if r_prev is not None:
-            if updates == memory:
-                H, updates = minus_eye.clone(), 0
             s, y = (z - zs[-2]).unsqueeze(2), (r - r_prev).unsqueeze(2)
+            if updates in (0, memory):
+                H, updates = (s.mT @ y) / (y.mT @ y) * eye, 0
             sH = s.mT @ H
             H = H + (s - H @ y) @ sH / (sH @ y)
             updates += 1

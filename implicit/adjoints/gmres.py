@@ -36,9 +36,17 @@ class GMRESAdjoint(AdjointSolver):
     costs" in the concepts guide) and solves again for a correction if it
     exceeds twice the tolerance.
 
+    A cycle that lowers no unconverged sample's residual is repeated exactly
+    by the next, so the solve stops there and its message says it stagnated
+    (instead of spending ``max_iter`` and reporting that). By default the
+    restart is the number of unknowns per sample ``N`` (full GMRES, which
+    does not stagnate), capped so that the basis, ``(restart + 1)·N·B``
+    numbers, stays within 2²² (32 MiB in float64): see
+    ``implicit._krylov.default_restart``.
+
     Args:
         restart: Arnoldi steps per cycle; memory is ``restart + 1`` vectors of
-            the state's size per sample.
+            the state's size per sample. ``None``: ``N``, capped as above.
 
     Reference:
         Y. Saad and M. H. Schultz, "GMRES: A generalized minimal residual
@@ -46,11 +54,12 @@ class GMRESAdjoint(AdjointSolver):
         Stat. Comput. 7(3), 1986.
     """
 
-    restart: int = 20
+    restart: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        set_options(self, restart=integer("restart", self.restart))
+        if self.restart is not None:
+            set_options(self, restart=integer("restart", self.restart))
 
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         # The monitor's tolerance is relative to ‖b‖ and b - (I - M) x = -(x - M x - b),

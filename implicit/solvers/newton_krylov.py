@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .._krylov import gmres
+from .._krylov import default_restart, gmres
 from .._monitor import Monitor
 from .._problem import System
 from .._products import JacobianFromGraph, private_saved_tensors
@@ -36,9 +36,11 @@ class _JacobianProduct:
     when every sample takes it the next Newton step needs no evaluation.
     """
 
-    def __init__(self, system: System, z: torch.Tensor) -> None:
+    def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
         self.system, self.z = system, z
         self.graph: JacobianFromGraph | None = None
+        # Whether F runs under saved-tensor hooks: None until tried (see _record).
+        self.hooks = hooks
         # (A linear system from an adjoint has its products already: residual_jvp.)
         # Under torch.inference_mode() no graph is recorded unless it is left
         # for the recording (the iterate, an inference tensor, is copied out);
@@ -47,9 +49,9 @@ class _JacobianProduct:
         self.inference = torch.is_inference_mode_enabled()
         if type(system) is System and torch._C._functorch.maybe_current_level() is None:
             try:
-                with _outside_inference(self.inference), torch.enable_grad(), private_saved_tensors():
+                with _outside_inference(self.inference), torch.enable_grad():
                     zz = (z.clone() if self.inference else z.detach()).requires_grad_()
-                    f = system.residual(zz)
+                    f = self._record(zz)
                     self.graph = JacobianFromGraph(zz, f)
             except RuntimeError:
                 if not self.inference:
@@ -60,10 +62,38 @@ class _JacobianProduct:
         else:
             self.value = system.residual(z)
 
+    def _record(self, zz: torch.Tensor) -> torch.Tensor:
+        """``F(zz)`` with its graph, its saved tensors kept from the caller's hooks where ``F`` allows.
+
+        A residual that calls ``torch.func.grad`` or ``vjp`` (the optimality
+        condition of an objective) cannot run while any saved-tensor hook is
+        installed. The first evaluation of a solve tries with the private
+        hooks; if it fails, ``F`` is evaluated once more without them, and
+        the outcome decides for the rest of the solve: succeeding, ``F``
+        refuses hooks (and, having run, none of the caller's are installed,
+        so there is nothing to keep the graph from); failing again, the
+        error is ``F``'s own and propagates.
+        """
+        if self.hooks is False:
+            return self.system.residual(zz)
+        try:
+            with private_saved_tensors():
+                f = self.system.residual(zz)
+        except RuntimeError:
+            if self.hooks:  # F ran under the hooks before: this error is its own
+                raise
+            f = self.system.residual(zz)
+            self.hooks = False
+        else:
+            self.hooks = True
+        return f
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             try:
-                with _outside_inference(self.inference), private_saved_tensors():
+                with _outside_inference(self.inference), (
+                    private_saved_tensors() if self.hooks else contextlib.nullcontext()
+                ):
                     out = self.graph(v)
             except RuntimeError:  # an operation of F without a double backward
                 self.graph = None
@@ -111,8 +141,14 @@ class NewtonKrylov(Solver):
     enough) and one per line-search trial.
 
     Args:
-        restart: GMRES steps per restart cycle of the inner solve.
-        max_inner: The most GMRES steps (Jacobian-vector products) per Newton step.
+        restart: GMRES steps per restart cycle of the inner solve. ``None``
+            (default): the number of unknowns per sample ``N`` (full GMRES:
+            a shorter restart can stall the inner solve for good on systems
+            of more unknowns), capped so that the basis, ``(restart + 1)·N·B``
+            numbers, stays within 2²² (``implicit._krylov.default_restart``).
+        max_inner: The most GMRES steps (Jacobian-vector products) per Newton
+            step. ``None`` (default): ``max(40, restart)``, so that one full
+            cycle fits.
         eta_max: Upper bound on the forcing term, in ``(0, 1)``; also
             ``η_0``, and the constant forcing term when ``forcing="constant"``.
         forcing: ``"eisenstat_walker"`` (choice 2) or ``"constant"``.
@@ -131,8 +167,8 @@ class NewtonKrylov(Solver):
     alpha: ClassVar[float] = 2.0
     armijo: ClassVar[float] = 1e-4
 
-    restart: int = 20
-    max_inner: int = 40
+    restart: int | None = None
+    max_inner: int | None = None
     eta_max: float = 0.9
     forcing: str = "eisenstat_walker"
     line_search: bool = True
@@ -141,8 +177,8 @@ class NewtonKrylov(Solver):
     def __post_init__(self) -> None:
         set_options(
             self,
-            restart=integer("restart", self.restart),
-            max_inner=integer("max_inner", self.max_inner),
+            restart=None if self.restart is None else integer("restart", self.restart),
+            max_inner=None if self.max_inner is None else integer("max_inner", self.max_inner),
             max_backtracks=integer("max_backtracks", self.max_backtracks, minimum=0),
             eta_max=interval("eta_max", self.eta_max, 0.0, 1.0, high_open=True),
             forcing=one_of("forcing", self.forcing, _FORCING),
@@ -153,10 +189,13 @@ class NewtonKrylov(Solver):
         z = z0
         first = _JacobianProduct(system, z)
         product: _JacobianProduct | None = first
+        hooks = first.hooks
         f = first.value
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
         fn_prev: torch.Tensor | None = None
+        restart = default_restart(*z.shape) if self.restart is None else self.restart
+        max_inner = max(40, restart) if self.max_inner is None else self.max_inner
         while not monitor.check(z, f):
             assert monitor.active is not None
             active = monitor.active
@@ -168,17 +207,18 @@ class NewtonKrylov(Solver):
             # Converged samples need no step: an infinite target leaves their direction at zero.
             target = torch.where(active, eta_k * fn, torch.full_like(fn, float("inf")))
             if product is None:  # the line search backtracked: F's graph at the new iterate
-                product = _JacobianProduct(system, z)
+                product = _JacobianProduct(system, z, hooks)
             d = gmres(
                 product,
                 -f,
-                restart=self.restart,
+                restart=restart,
                 tol=0.0,
                 atol=target,
-                max_iter=self.max_inner,
+                max_iter=max_inner,
                 confirm=False,
             ).x
-            z_new, f_new, product = self._step(system, z, f, fn, d, active)
+            hooks = product.hooks
+            z_new, f_new, product = self._step(system, z, f, fn, d, active, hooks)
             fn_prev = fn
             z, f = z_new, f_new
             fn = torch.linalg.vector_norm(f, dim=1)
@@ -199,6 +239,7 @@ class NewtonKrylov(Solver):
         fn: torch.Tensor,
         d: torch.Tensor,
         active: torch.Tensor,
+        hooks: bool | None,
     ) -> tuple[torch.Tensor, torch.Tensor, _JacobianProduct | None]:
         """The next iterate, its residual, and ``F``'s graph there if every sample took the full step.
 
@@ -207,7 +248,7 @@ class NewtonKrylov(Solver):
         """
         if not self.line_search:
             z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
-            product = _JacobianProduct(system, z_new)
+            product = _JacobianProduct(system, z_new, hooks)
             return z_new, product.value, product
         lam = torch.ones_like(fn)
         decided = ~active
@@ -215,7 +256,7 @@ class NewtonKrylov(Solver):
         for trial in range(self.max_backtracks + 1):
             z_try = z + lam[:, None] * d
             if trial == 0:
-                full = _JacobianProduct(system, z_try)
+                full = _JacobianProduct(system, z_try, hooks)
                 f_try = full.value
             else:
                 f_try = system.residual(z_try)
