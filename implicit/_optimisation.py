@@ -11,30 +11,54 @@ Two routes to the gradient give the same values:
 
 * plain autograd (``torch.autograd.grad`` on leaf copies of the variables, a
   graph only where one is being recorded), wherever no ``torch.func``
-  transform, forward-mode level or inference mode is active: it keeps the
-  saved-tensor hooks of the caller and of the backward pass working;
+  transform or forward-mode level is active: it keeps the saved-tensor hooks
+  of the caller and of the backward pass working. Under inference mode it
+  runs with inference mode off for the gradient's own graph (on copies of
+  the variables), and falls back to ``torch.func.grad`` where the objective
+  reads tensors made in inference mode, which autograd cannot save;
 * ``torch.func.grad`` elsewhere, which composes with those transforms (plain
   autograd would have to call ``requires_grad_`` inside them, which they refuse).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["LeastSquaresObjective", "ObjectiveGradient", "check_value", "flatten_residuals", "plain_autograd"]
+__all__ = [
+    "LeastSquaresObjective",
+    "ObjectiveGradient",
+    "check_value",
+    "flatten_residuals",
+    "leaf",
+    "plain_autograd",
+    "recording",
+]
 
 
 def plain_autograd() -> bool:
     """Whether a gradient can be taken by ``torch.autograd.grad`` here (see the module docstring)."""
-    return (
-        not torch._C._are_functorch_transforms_active()
-        and fwAD._current_level < 0
-        and not torch.is_inference_mode_enabled()
-    )
+    return not torch._C._are_functorch_transforms_active() and fwAD._current_level < 0
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Autograd on, and inference mode off where it is on: for the graph of a gradient taken inside a solve."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    else:
+        with torch.enable_grad():
+            yield
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that requires grad (a copy of its memory if it is an inference tensor, which cannot)."""
+    return (t.clone() if t.is_inference() else t.detach()).requires_grad_()
 
 
 def _leaves(z: Any) -> list[torch.Tensor]:
@@ -115,10 +139,18 @@ class ObjectiveGradient:
     def __call__(self, z: Any) -> Any:
         if not plain_autograd():
             return torch.func.grad(self._total)(z)
+        if torch.is_inference_mode_enabled():
+            try:
+                return self._autograd(z)
+            except RuntimeError:  # the objective reads inference tensors, which autograd cannot save
+                return torch.func.grad(self._total)(z)
+        return self._autograd(z)
+
+    def _autograd(self, z: Any) -> Any:
         leaves = _leaves(z)
         create = torch.is_grad_enabled()  # the caller's mode: a graph only where one is being recorded
-        with torch.enable_grad():
-            inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in leaves]
+        with recording():
+            inputs = [t if t.requires_grad else leaf(t) for t in leaves]
             total = self._total(_rebuild(z, inputs))
             if not total.requires_grad:  # the objective reads none of z: a zero gradient
                 grads = [torch.zeros_like(t) for t in leaves]

@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from ._optimisation import LeastSquaresObjective, ObjectiveGradient, check_value, flatten_residuals, plain_autograd
+from ._optimisation import (
+    LeastSquaresObjective,
+    ObjectiveGradient,
+    check_value,
+    flatten_residuals,
+    leaf,
+    plain_autograd,
+    recording,
+)
 from ._structure import Structure
 
 __all__ = ["FORMS", "ImplicitProblem", "System"]
@@ -252,13 +260,15 @@ class System:
             ValueError: ``fn`` wrote into its input.
         """
         self.nfe += 1
-        version = z._version
+        # Inference tensors keep no version counter (nor can they be written
+        # outside inference mode): the guard is for every other tensor.
+        version = None if z.is_inference() else z._version
         if self.autocast is None:
             out = fn(self.structure.unflatten(z))
         else:
             with torch.autocast(self.device.type, dtype=self.autocast):
                 out = fn(self.structure.unflatten(z))
-        if z._version != version:
+        if version is not None and z._version != version:
             raise ValueError(
                 f"{what} modified its input in place ({self.structure.describe()}); the input is the "
                 "solver's current iterate, so return new tensors instead (z.mul(0.5) rather than z.mul_(0.5))"
@@ -311,10 +321,10 @@ class System:
         """
         self._optimisation("value_and_grad")
         if plain_autograd():
-            with torch.enable_grad():
-                leaf = z.detach().requires_grad_()
-                value = self._value(leaf)
-                grad = _grad(value.sum(), leaf)
+            with recording():
+                z_leaf = leaf(z)
+                value = self._value(z_leaf)
+                grad = _grad(value.sum(), z_leaf)
             return value.detach(), grad.detach()
 
         def total(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,16 +346,16 @@ class System:
         """
         self._optimisation("value_grad_hvp")
         if plain_autograd():
-            with torch.enable_grad():
-                leaf = z.detach().requires_grad_()
-                value = self._value(leaf)
-                grad = _grad(value.sum(), leaf, create_graph=True)
+            with recording():
+                z_leaf = leaf(z)
+                value = self._value(z_leaf)
+                grad = _grad(value.sum(), z_leaf, create_graph=True)
 
             def hvp(v: torch.Tensor) -> torch.Tensor:
                 if not grad.requires_grad:  # an objective linear in z
                     return torch.zeros_like(v)
-                with torch.enable_grad():
-                    return _grad(grad, leaf, v, retain_graph=True).detach()
+                with recording():
+                    return _grad(grad, z_leaf, v, retain_graph=True).detach()
 
             return value.detach(), grad.detach(), hvp
 
@@ -405,24 +415,24 @@ class System:
                 return torch.func.jvp(self._lsq_flat, (z,), (v,))[1]
 
             return r, jvp_func, lambda u: pullback(u)[0]
-        with torch.enable_grad():
-            leaf = z.detach().requires_grad_()
-            r = self._lsq_flat(leaf)
+        with recording():
+            z_leaf = leaf(z)
+            r = self._lsq_flat(z_leaf)
         dummy: list[torch.Tensor] = []  # Jᵀu as a function of u, built at the first jvp
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
             if not r.requires_grad:
                 return torch.zeros_like(z)
-            with torch.enable_grad():
-                return _grad(r, leaf, u, retain_graph=True).detach()
+            with recording():
+                return _grad(r, z_leaf, u, retain_graph=True).detach()
 
         def jvp(v: torch.Tensor) -> torch.Tensor:
             if not r.requires_grad:
                 return torch.zeros_like(r)
-            with torch.enable_grad():
+            with recording():
                 if not dummy:
                     u = torch.zeros_like(r, requires_grad=True)
-                    dummy.extend([u, _grad(r, leaf, u, create_graph=True)])
+                    dummy.extend([u, _grad(r, z_leaf, u, create_graph=True)])
                 u, w = dummy
                 return _grad(w, u, v, retain_graph=True).detach()
 
@@ -453,18 +463,18 @@ class System:
 
 def _grad(
     out: torch.Tensor,
-    leaf: torch.Tensor,
+    wrt: torch.Tensor,
     grad_outputs: torch.Tensor | None = None,
     *,
     create_graph: bool = False,
     retain_graph: bool | None = None,
 ) -> torch.Tensor:
-    """``∂out/∂leaf`` contracted with ``grad_outputs``; zeros where ``out`` does not depend on ``leaf``."""
+    """``∂out/∂wrt`` contracted with ``grad_outputs``; zeros where ``out`` does not depend on ``wrt``."""
     if not out.requires_grad:
-        return torch.zeros_like(leaf)
+        return torch.zeros_like(wrt)
     (g,) = torch.autograd.grad(
         out,
-        leaf,
+        wrt,
         grad_outputs,
         create_graph=create_graph,
         retain_graph=retain_graph,

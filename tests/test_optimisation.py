@@ -312,3 +312,50 @@ def test_demo_marks_symmetric_adjoints() -> None:
     statuses = {line.split()[1]: line.split()[2] for line in text.splitlines() if line.startswith("fixed_point ")}
     assert statuses == {"exact": "ok", "cg": "symmetric"}
     assert "adjoint for symmetric Jacobians" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("adjoint", SYMMETRIC_ADJOINTS)
+def test_half_precision_argmin(dtype: torch.dtype, adjoint: str) -> None:
+    # Hessian diag(cosh(z - θ)) + I, separable: κ = ‖H⁻¹‖·‖∂²f/∂z∂θ‖ ≤ 1, so the error is about tol + u.
+    def run(dt: torch.dtype, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=dt, requires_grad=True)
+        z = implicit.argmin(
+            lambda z: (torch.cosh(z - theta) + 0.5 * z**2).sum(),
+            torch.zeros(4, dtype=dt),
+            solver=SOLVER,
+            adjoint=adjoint,
+            tol=tol,
+            on_failure="raise",
+        )
+        (g,) = torch.autograd.grad(z.sum(), theta)
+        return z, g
+
+    _, want = run(D, 1e-12)
+    tol = 1e-3 if dtype == torch.float16 else 8e-3
+    z, got = run(dtype, tol)
+    assert z.dtype == got.dtype == dtype
+    unit = torch.finfo(dtype).eps / 2
+    assert float((got.double() - want).norm() / want.norm()) <= 4.0 * (tol + unit)
+
+
+@pytest.mark.parametrize("adjoint", SYMMETRIC_ADJOINTS)
+def test_empty_batch_and_no_grad(adjoint: str) -> None:
+    theta = torch.tensor(0.5, dtype=D, requires_grad=True)
+    problem = implicit.ImplicitProblem.argmin(lambda z: ((z - theta) ** 2).sum(1), batched=True)
+    sol = implicit.solve(problem, torch.zeros(0, 3, dtype=D), solver=SOLVER, adjoint=adjoint, on_failure="raise")
+    assert sol.converged and sol.z.shape == (0, 3)
+    (g,) = torch.autograd.grad(sol.z.sum(), theta)
+    assert g.item() == 0.0
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            z = implicit.argmin(lambda z: ((z - theta) ** 2).sum(), torch.zeros(3, dtype=D), solver=SOLVER, adjoint=adjoint)
+        assert not z.requires_grad
+        torch.testing.assert_close(z, torch.full((3,), 0.5, dtype=D))
+
+
+def test_inference_mode_with_inference_tensors_in_the_objective() -> None:
+    with torch.inference_mode():
+        target = torch.linspace(-1, 1, 4, dtype=D)  # an inference tensor: autograd cannot save it
+        z = implicit.argmin(lambda z: (torch.cosh(z - target) * target.exp()).sum(), torch.zeros(4, dtype=D), solver=SOLVER, tol=1e-12)
+        torch.testing.assert_close(z, target)
