@@ -4,6 +4,7 @@ implicit function theorem."""
 
 from . import adjoints, nn, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
+from ._attach import attach, custom_root
 from ._check import CheckReport, Finding, check
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._problem import ImplicitProblem
@@ -15,7 +16,7 @@ from ._registry import (
     register_adjoint,
     register_solver,
 )
-from ._solve import fixed_point, root, solve
+from ._solve import argmin, fixed_point, least_squares, root, solve
 from ._solver import IterativeSolver, Solver
 from ._stats import Solution, SolverStats
 
@@ -34,12 +35,16 @@ __all__ = [
     "Solver",
     "SolverError",
     "SolverStats",
+    "argmin",
+    "attach",
     "available_adjoints",
     "available_solvers",
     "check",
+    "custom_root",
     "fixed_point",
     "get_adjoint",
     "get_solver",
+    "least_squares",
     "nn",
     "register_adjoint",
     "register_solver",

@@ -1,4 +1,4 @@
-"""The public entry points: :func:`solve`, :func:`fixed_point` and :func:`root`."""
+"""The public entry points: :func:`solve`, :func:`fixed_point`, :func:`root`, :func:`argmin` and :func:`least_squares`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from ._adjoint import AdjointSolver
 from ._failure import check_on_failure, handle_failure
 from ._monitor import Monitor
 from ._problem import ImplicitProblem, System
-from ._registry import make_adjoint, make_solver
+from ._registry import available_adjoints, available_solvers, make_adjoint, make_solver
 from ._settings import integer, non_negative
 from ._solver import Solver
 from ._stats import Solution, SolverStats
 from ._structure import Structure
 from ._transforms import no_tangents
 
-__all__ = ["fixed_point", "root", "solve"]
+__all__ = ["argmin", "fixed_point", "least_squares", "root", "solve"]
 
 DEFAULT_ATOL = 1e-12
+DEFAULT_SOLVER = "anderson"
+DEFAULT_ADJOINT = "gmres"
 
 # The solver loops read their convergence test on the host every iteration and
 # the backward is a custom autograd.Function over a closure; neither traces
@@ -38,13 +40,29 @@ def _check_settings(tol: float, atol: float, max_iter: int) -> tuple[float, floa
     return non_negative("tol", tol), non_negative("atol", atol), integer("max_iter", max_iter, minimum=0)
 
 
+def default_solver(problem: ImplicitProblem) -> str:
+    """The problem's default solver where it is registered; else ``newton_krylov``, which runs any root problem."""
+    name = problem.default_solver
+    if name is None:
+        return DEFAULT_SOLVER
+    return name if name in available_solvers() else "newton_krylov"
+
+
+def default_adjoint(problem: ImplicitProblem) -> str:
+    """The problem's default adjoint where it is registered; else ``gmres``."""
+    name = problem.default_adjoint
+    if name is None:
+        return DEFAULT_ADJOINT
+    return name if name in available_adjoints() else DEFAULT_ADJOINT
+
+
 @_graph_break
 def solve(
     problem: ImplicitProblem,
     z0: Any,
     *,
-    solver: str | Solver | type[Solver] = "anderson",
-    adjoint: str | AdjointSolver | type[AdjointSolver] = "gmres",
+    solver: str | Solver | type[Solver] | None = None,
+    adjoint: str | AdjointSolver | type[AdjointSolver] | None = None,
     tol: float = 1e-6,
     atol: float = DEFAULT_ATOL,
     max_iter: int = 100,
@@ -63,8 +81,12 @@ def solve(
         problem: The equation to solve.
         z0: The initial state: a dict of tensors, a tuple/list of tensors or a
             tensor; ``F`` receives and returns this structure.
-        solver: A registered solver name, a :class:`Solver` subclass or instance.
-        adjoint: A registered adjoint name, an :class:`AdjointSolver` subclass or instance.
+        solver: A registered solver name, a :class:`Solver` subclass or
+            instance; ``None`` is the problem's :attr:`~ImplicitProblem.default_solver`
+            (``"anderson"`` for root and fixed-point problems).
+        adjoint: A registered adjoint name, an :class:`AdjointSolver` subclass
+            or instance; ``None`` is the problem's :attr:`~ImplicitProblem.default_adjoint`
+            (``"gmres"`` for root and fixed-point problems, ``"cg"`` for argmin and least squares).
         tol: Relative tolerance: a sample has converged when
             ``‖F(z)‖ ≤ tol·‖z‖ + atol`` (norms over all its variables together).
         atol: Absolute tolerance floor, so that ``z* = 0`` can converge.
@@ -102,8 +124,8 @@ def solve(
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
     tol, atol, max_iter = _check_settings(tol, atol, max_iter)
     check_on_failure(on_failure)
-    solver_obj = make_solver(solver, solver_options)
-    adjoint_obj = make_adjoint(adjoint, adjoint_options)
+    solver_obj = make_solver(default_solver(problem) if solver is None else solver, solver_options)
+    adjoint_obj = make_adjoint(default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
 
     structure = Structure(z0, problem.batched)
     if structure.device.type == "meta":
@@ -128,7 +150,24 @@ def solve(
     z_flat = monitor.result(z_flat)
     stats = monitor.stats(solver_obj.name, system.nfe, problem.batched)
     handle_failure(monitor, on_failure, f"forward solve ({solver_obj.name})")
+    return attach_solution(system, z_flat, stats, adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure)
 
+
+def attach_solution(
+    system: System,
+    z_flat: torch.Tensor,
+    stats: SolverStats,
+    adjoint: AdjointSolver,
+    *,
+    tol: float,
+    atol: float,
+    on_failure: str,
+) -> Solution:
+    """The :class:`Solution` holding flat solution ``z_flat`` re-attached to autograd with its implicit derivatives.
+
+    The one path by which a solution gets its derivatives, whether
+    :func:`solve` computed it or :func:`~implicit.attach` was handed it.
+    """
     solution = Solution(z=None, stats=stats)
     ref = weakref.ref(solution)
     listeners = solution._adjoint_listeners
@@ -140,10 +179,8 @@ def solve(
         if sol is not None:
             sol.adjoint_stats = adjoint_stats
 
-    lin = Linearisation(
-        system, z_flat.detach(), adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure, record=record
-    )
-    solution.z = structure.unflatten(attach(z_flat.detach(), lin))
+    lin = Linearisation(system, z_flat.detach(), adjoint, tol=tol, atol=atol, on_failure=on_failure, record=record)
+    solution.z = system.structure.unflatten(attach(z_flat.detach(), lin))
     return solution
 
 
@@ -206,3 +243,77 @@ def root(F: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: A
         0.35355339
     """
     return solve(ImplicitProblem(F, batched=batched), z0, **kwargs).z
+
+
+def argmin(objective: Callable[[Any], torch.Tensor], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The minimiser ``z* = argmin_z objective(z)``, differentiable by the IFT, in the structure of ``z0``.
+
+    Solved as the root of the gradient (the tolerance applies to ``‖∇objective‖``);
+    the implicit derivative's Jacobian is the Hessian. Without ``solver`` the
+    problem's default is used (``"lbfgs"``, or ``"newton_krylov"`` where that is
+    not registered); without ``adjoint``, ``"cg"``.
+
+    Args:
+        objective: ``z ↦`` a 0-dim tensor (``(B,)`` when batched); it
+            receives the structure of ``z0``.
+        z0: The initial state.
+        batched: Whether dim 0 of every variable indexes independent samples
+            (then ``objective`` returns one value per sample).
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve`, differentiable with respect
+        to every tensor ``objective`` reads.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
+        ``argmin (z - a)² + z⁴`` and its derivative ``dz*/da = 2 / (2 + 12 z*²)``:
+
+        >>> import torch, implicit
+        >>> a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> z = implicit.argmin(lambda z: (z - a) ** 2 + z**4, torch.tensor(0.0, dtype=torch.float64), solver="newton_krylov", tol=1e-12)
+        >>> z.backward()
+        >>> torch.allclose(a.grad, 2 / (2 + 12 * z.detach() ** 2))
+        True
+    """
+    return solve(ImplicitProblem.argmin(objective, batched=batched), z0, **kwargs).z
+
+
+def least_squares(residuals: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The least-squares solution ``z* = argmin_z ½ Σ residuals(z)²``, differentiable by the IFT.
+
+    Solved as the root of the gradient ``Jᵀr``. Without ``solver`` the
+    problem's default is used (``"levenberg_marquardt"``, or
+    ``"newton_krylov"`` where that is not registered); without ``adjoint``, ``"cg"``.
+
+    Args:
+        residuals: ``z ↦`` a tensor, or a dict, tuple or list of tensors of
+            any shapes (each with dim 0 of size ``B`` when batched).
+        z0: The initial state.
+        batched: Whether dim 0 of every variable and residual indexes samples.
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve` in the structure of ``z0``,
+        differentiable with respect to every tensor ``residuals`` reads.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
+        Linear least squares ``min ‖Xz − y‖²``, whose solution is ``(XᵀX)⁻¹Xᵀy``:
+
+        >>> import torch, implicit
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+        >>> z = implicit.least_squares(lambda z: X @ z - y, torch.zeros(2, dtype=torch.float64), solver="newton_krylov", tol=1e-12)
+        >>> torch.allclose(z, torch.linalg.lstsq(X, y).solution)
+        True
+    """
+    return solve(ImplicitProblem.least_squares(residuals, batched=batched), z0, **kwargs).z

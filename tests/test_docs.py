@@ -26,6 +26,7 @@ PAGES = [
     "docs/concepts.md",
     "docs/solvers.md",
     "docs/plugins.md",
+    "docs/optimisation.md",
 ]
 
 RUNNER = """
