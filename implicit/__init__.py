@@ -2,7 +2,7 @@
 over a dict of tensors, and differentiate through the solution with the
 implicit function theorem."""
 
-from . import adjoints, nn, solvers  # noqa: F401 - importing registers the built-ins
+from . import adjoints, nn, projections, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._problem import ImplicitProblem
@@ -37,6 +37,7 @@ __all__ = [
     "get_adjoint",
     "get_solver",
     "nn",
+    "projections",
     "register_adjoint",
     "register_solver",
     "root",
