@@ -87,7 +87,7 @@ def _check_tensor(z: Any, key: Any) -> None:
 
 def _box(z: torch.Tensor, key: Any, lower: Bound, upper: Bound) -> torch.Tensor:
     _check_tensor(z, key)
-    if isinstance(lower, numbers.Real) and isinstance(upper, numbers.Real) and lower > upper:
+    if isinstance(lower, numbers.Real) and isinstance(upper, numbers.Real) and float(lower) > float(upper):
         where = "" if key is None else f" for z[{key!r}]"
         raise ValueError(f"lower must not exceed upper{where}; got lower={lower}, upper={upper}")
     for name, bound in (("upper", upper), ("lower", lower)):
@@ -158,7 +158,7 @@ def _positive(name: str, key: Any, value: Any, z: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         _broadcastable(name, key, value, z.shape[:-1] + (1,))
         return value.to(dtype=z.dtype)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         where = "" if key is None else f" for z[{key!r}]"
         raise ValueError(f"{name} must be a positive number or a tensor{where}; got {value!r}")
     return torch.as_tensor(float(value), dtype=z.dtype, device=z.device)
