@@ -13,7 +13,7 @@ from ._adjoint import AdjointSolver
 from ._failure import check_on_failure, handle_failure
 from ._monitor import Monitor
 from ._problem import ImplicitProblem
-from ._registry import make_adjoint, make_solver
+from ._registry import available_adjoints, available_solvers, make_adjoint, make_solver
 from ._solver import Solver
 from ._stats import Solution, SolverStats
 from ._transforms import no_tangents
@@ -21,6 +21,8 @@ from ._transforms import no_tangents
 __all__ = ["fixed_point", "root", "solve"]
 
 DEFAULT_ATOL = 1e-12
+DEFAULT_SOLVER = "anderson"
+DEFAULT_ADJOINT = "gmres"
 
 
 def _check_settings(tol: float, atol: float, max_iter: int) -> None:
@@ -32,12 +34,28 @@ def _check_settings(tol: float, atol: float, max_iter: int) -> None:
         raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
 
 
+def _default_solver(problem: ImplicitProblem) -> str:
+    """The problem's default solver where it is registered; else ``newton_krylov``, which runs any root problem."""
+    name = problem.default_solver
+    if name is None:
+        return DEFAULT_SOLVER
+    return name if name in available_solvers() else "newton_krylov"
+
+
+def _default_adjoint(problem: ImplicitProblem) -> str:
+    """The problem's default adjoint where it is registered; else ``gmres``."""
+    name = problem.default_adjoint
+    if name is None:
+        return DEFAULT_ADJOINT
+    return name if name in available_adjoints() else DEFAULT_ADJOINT
+
+
 def solve(
     problem: ImplicitProblem,
     z0: Any,
     *,
-    solver: str | Solver | type[Solver] = "anderson",
-    adjoint: str | AdjointSolver | type[AdjointSolver] = "gmres",
+    solver: str | Solver | type[Solver] | None = None,
+    adjoint: str | AdjointSolver | type[AdjointSolver] | None = None,
     tol: float = 1e-6,
     atol: float = DEFAULT_ATOL,
     max_iter: int = 100,
@@ -56,8 +74,12 @@ def solve(
         problem: The equation to solve.
         z0: The initial state: a dict of tensors, a tuple/list of tensors or a
             tensor; ``F`` receives and returns this structure.
-        solver: A registered solver name, a :class:`Solver` subclass or instance.
-        adjoint: A registered adjoint name, an :class:`AdjointSolver` subclass or instance.
+        solver: A registered solver name, a :class:`Solver` subclass or
+            instance; ``None`` is the problem's :attr:`~ImplicitProblem.default_solver`
+            (``"anderson"`` for root and fixed-point problems).
+        adjoint: A registered adjoint name, an :class:`AdjointSolver` subclass
+            or instance; ``None`` is the problem's :attr:`~ImplicitProblem.default_adjoint`
+            (``"gmres"`` for root and fixed-point problems, ``"cg"`` for argmin and least squares).
         tol: Relative tolerance: a sample has converged when
             ``‖F(z)‖ ≤ tol·‖z‖ + atol`` (norms over all its variables together).
         atol: Absolute tolerance floor, so that ``z* = 0`` can converge.
@@ -95,8 +117,8 @@ def solve(
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
     _check_settings(tol, atol, max_iter)
     check_on_failure(on_failure)
-    solver_obj = make_solver(solver, solver_options)
-    adjoint_obj = make_adjoint(adjoint, adjoint_options)
+    solver_obj = make_solver(_default_solver(problem) if solver is None else solver, solver_options)
+    adjoint_obj = make_adjoint(_default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
 
     system = problem.bind(z0)
     structure = system.structure
