@@ -103,6 +103,13 @@ def strong_wolfe(
     80 % of the bracket). All rows advance together: each trial is one call
     of ``value_and_grad`` on the whole batch.
 
+    Near a minimum the decrease of ``f`` falls below its rounding error
+    while the slope is still accurate: where ``φ(α)`` is within a few ulps
+    of ``φ(0)``, sufficient decrease is judged by the slope instead,
+    ``φ'(α) ≤ (1 − 2c₁) |φ'(0)|`` (the approximate Wolfe conditions of
+    Hager and Zhang), so that gradients can be driven far below
+    ``√ε · |f|``.
+
     A row whose direction is not a descent direction (``φ'(0) ≥ 0``) fails
     at once with step zero. A row that has no acceptable step after
     ``max_iter`` trials returns the best point it found that satisfies the
@@ -147,7 +154,9 @@ def strong_wolfe(
 
     References:
         J. Nocedal and S. J. Wright, *Numerical Optimization*, 2nd ed.,
-        Springer 2006, Algorithms 3.5 and 3.6.
+        Springer 2006, Algorithms 3.5 and 3.6. W. W. Hager and H. Zhang, "A
+        new conjugate gradient method with guaranteed descent and an
+        efficient line search", SIAM J. Optim. 16(1), 2005.
     """
     _check_params(c1, c2, max_iter)
     if not max_step > 0:
@@ -164,6 +173,7 @@ def strong_wolfe(
     a_hi, f_hi, d_hi = torch.zeros_like(value), value.clone(), dphi0.clone()
     zooming = torch.zeros_like(done)
     first = torch.ones_like(done)
+    rounding = 8 * torch.finfo(value.dtype).eps
     evaluations = 0
     for _ in range(max_iter):
         if bool(done.all()):
@@ -179,12 +189,17 @@ def strong_wolfe(
         evaluations += 1
         dphi = (g * direction).sum(1)
         finite = torch.isfinite(f) & torch.isfinite(dphi)
-        armijo = finite & (f <= value + c1 * trial * dphi0)
+        # Near a minimum, changes of f fall below its rounding while the slope is still
+        # accurate: where f is indistinguishable from φ(0) (or from φ(lo)), the slope decides
+        # (Hager and Zhang's approximate Wolfe conditions).
+        flat = (f - value).abs() <= rounding * (value.abs() + f.abs())
+        armijo = finite & ((f <= value + c1 * trial * dphi0) | (flat & (dphi <= -(1 - 2 * c1) * dphi0)))
+        worse = (f >= f_lo) & ((f - f_lo).abs() > rounding * (f_lo.abs() + f.abs()))
         curvature = dphi.abs() <= -c2 * dphi0
         live = ~done
         # --- bracketing rows (Algorithm 3.5)
         b = live & ~zooming
-        too_long = b & (~armijo | (~first & (f >= f_lo)))
+        too_long = b & (~armijo | (~first & worse))
         accept_b = b & ~too_long & curvature
         uphill = b & ~too_long & ~curvature & (dphi >= 0)
         extend = b & ~too_long & ~curvature & (dphi < 0)
@@ -194,7 +209,7 @@ def strong_wolfe(
         d_hi_new = torch.where(too_long, dphi, torch.where(uphill, d_lo, d_hi))
         # --- zooming rows (Algorithm 3.6)
         zr = live & zooming
-        shrink_hi = zr & (~armijo | (f >= f_lo))
+        shrink_hi = zr & (~armijo | worse)
         accept_z = zr & ~shrink_hi & curvature
         move_lo = zr & ~shrink_hi & ~curvature
         flip = move_lo & (dphi * (a_hi - a_lo) >= 0)
@@ -245,7 +260,10 @@ def backtracking(
     such step within ``max_iter`` trials takes the last, shortest one if it
     lowered the value at all (``success`` ``False``), and otherwise stays
     where it is (step zero, ``success`` ``False``); a non-finite value is
-    never accepted.
+    never accepted. A trial whose value is within a few ulps of ``f(x)`` is
+    accepted too: near a minimum the decrease falls below the rounding of
+    ``f`` and cannot be measured, and a step there cannot make ``f``
+    measurably worse (the approximate Armijo condition of Hager and Zhang).
 
     Args:
         value_fn: ``x ↦ f(x)`` on ``(B, N)`` tensors, giving ``(B,)``; rows independent.
@@ -283,6 +301,7 @@ def backtracking(
     settled = torch.zeros(value.shape, dtype=torch.bool, device=value.device) if active is None else ~active
     success = settled.clone()
     best_a, best_f = torch.zeros_like(value), value.clone()
+    rounding = 8 * torch.finfo(value.dtype).eps
     evaluations = 0
     for trial in range(max_iter):
         if bool(settled.all()):
@@ -291,7 +310,8 @@ def backtracking(
         f = value_fn(x + a[:, None] * direction)
         evaluations += 1
         ok = torch.isfinite(f) & ~settled
-        accept = ok & (f <= value + c1 * a * slope)
+        flat = (f - value).abs() <= rounding * (value.abs() + f.abs())
+        accept = ok & ((f <= value + c1 * a * slope) | flat)
         if trial == max_iter - 1:
             fallback = ok & ~accept & (f < value)
             best_a = torch.where(fallback, a, best_a)

@@ -24,13 +24,15 @@ def require_form(system: Any, solver: str, forms: tuple[str, ...]) -> None:
     if form in forms:
         return
     accepted = " and ".join(_WHAT[f] for f in forms)
-    hint = (
-        "write the problem as implicit.least_squares(residuals, ...) (solved by 'gauss_newton' or "
-        "'levenberg_marquardt'), or use 'lbfgs' / 'newton_cg' on its objective"
-        if forms == ("least_squares",)
-        else "for F(z) = 0 or z = f(z) use a root solver such as 'newton_krylov', 'anderson' or 'broyden', "
-        "or state the problem as implicit.argmin(objective, ...)"
-    )
+    if form in ("root", "fixed_point"):
+        hint = (
+            "for F(z) = 0 or z = f(z) use a root solver such as 'newton_krylov', 'anderson' or 'broyden', "
+            "or state a minimisation as ImplicitProblem.argmin(objective) / least_squares(residuals)"
+        )
+    elif form == "argmin":
+        hint = "state it as ImplicitProblem.least_squares(residuals), or use 'lbfgs' or 'newton_cg' on the objective"
+    else:
+        hint = "name an adjoint made for linear systems instead, such as 'gmres', 'cg' or 'exact'"
     raise ValueError(f"solver {solver!r} solves {accepted}; this problem has form {form!r}: {hint}")
 
 

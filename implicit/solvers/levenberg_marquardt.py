@@ -47,8 +47,11 @@ class LevenbergMarquardt(Solver):
     Needs a least-squares problem (``implicit.least_squares``); on any other
     it raises a ``ValueError``.
 
+    Each trial step is evaluated with its graph (``system.lsq_linearize``),
+    so that a taken step needs no further evaluation.
+
     Host synchronisations: one per iteration's check, one per CG step and
-    one to decide whether any sample took its step.
+    one to decide whether every sample took its step.
 
     Args:
         tau: The initial damping relative to the curvature along the gradient.
@@ -73,6 +76,7 @@ class LevenbergMarquardt(Solver):
     """
 
     forms: ClassVar[tuple[str, ...]] = ("least_squares",)
+    rounding: ClassVar[float] = 64.0  # ulps of ½‖r‖² below which a decrease is not measurable
 
     tau: float = 1e-3
     max_inner: int = 50
@@ -87,10 +91,9 @@ class LevenbergMarquardt(Solver):
         require_form(system, self.name or "levenberg_marquardt", self.forms)
         z = z0
         r, jvp, vjp = system.lsq_linearize(z)
-        f = 0.5 * (r * r).sum(1)
         g = vjp(r)
         mu: torch.Tensor | None = None
-        nu = torch.full_like(f, 2.0)
+        nu = torch.full((z.shape[0],), 2.0, dtype=z.dtype, device=z.device)
         tiny = torch.finfo(z.dtype).tiny
         while not monitor.check(z, g):
             active = monitor.active
@@ -106,15 +109,28 @@ class LevenbergMarquardt(Solver):
             jp = jvp(p)
             predicted = -((g * p).sum(1) + 0.5 * (jp * jp).sum(1))
             z_try = z + p
-            f_try = system.objective(z_try)
-            gain = (f - f_try) / predicted
-            take = active & (predicted > 0) & torch.isfinite(f_try) & (gain > 0)
+            r_try, jvp_try, vjp_try = system.lsq_linearize(z_try)
+            g_try = vjp_try(r_try)
+            # ½‖r‖² − ½‖r_try‖² as ½ (r − r_try)·(r + r_try): no cancellation of two large sums
+            # when the decrease is far below ‖r‖² (near a solution with nonzero residuals).
+            actual = 0.5 * ((r - r_try) * (r + r_try)).sum(1)
+            gain = actual / predicted
+            # A decrease within the rounding of ½‖r‖² cannot be measured: there the step is
+            # judged by the gradient it leads to, and counts as a perfect one (ϱ = 1).
+            size = 0.5 * ((r * r).sum(1) + (r_try * r_try).sum(1))
+            flat = actual.abs() <= self.rounding * torch.finfo(z.dtype).eps * size
+            finite = torch.isfinite(actual) & torch.isfinite(g_try).all(1)
+            improves = torch.where(flat, torch.linalg.vector_norm(g_try, dim=1) < gn, (predicted > 0) & (gain > 0))
+            take = active & finite & improves
+            gain = torch.where(flat, torch.ones_like(gain), gain)
             factor = torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3)
             mu = torch.where(take, mu * factor, torch.where(active, mu * nu, mu))
             nu = torch.where(take, torch.full_like(nu, 2.0), torch.where(active, 2 * nu, nu))
-            if bool(take.any()):
+            moved = take | ~active  # converged rows have p = 0: z_try is z there
+            if bool(moved.all()):
+                z, r, g, jvp, vjp = z_try, r_try, g_try, jvp_try, vjp_try
+            elif bool(take.any()):
                 z = torch.where(take[:, None], z_try, z)
                 r, jvp, vjp = system.lsq_linearize(z)
-                f = 0.5 * (r * r).sum(1)
                 g = vjp(r)
         return z
