@@ -58,7 +58,7 @@ def forms_of(cls: type) -> tuple[str, ...]:
     equation, is a linear root problem, so it serves only where the solver
     accepts ``"root"``.
     """
-    forms = getattr(cls, "forms", None)
+    forms: Any = getattr(cls, "forms", None)
     if forms is None:
         forms = getattr(getattr(cls, "solver_class", None), "forms", ALL_FORMS)
     return tuple(forms)
