@@ -4,6 +4,7 @@ implicit function theorem."""
 
 from . import adjoints, nn, projections, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
+from ._attach import attach, custom_root
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._problem import ImplicitProblem
 from ._registry import (
@@ -14,7 +15,7 @@ from ._registry import (
     register_adjoint,
     register_solver,
 )
-from ._solve import fixed_point, root, solve
+from ._solve import argmin, fixed_point, least_squares, root, solve
 from ._solver import IterativeSolver, Solver
 from ._stats import Solution, SolverStats
 
@@ -31,11 +32,15 @@ __all__ = [
     "Solver",
     "SolverError",
     "SolverStats",
+    "argmin",
+    "attach",
     "available_adjoints",
     "available_solvers",
+    "custom_root",
     "fixed_point",
     "get_adjoint",
     "get_solver",
+    "least_squares",
     "nn",
     "projections",
     "register_adjoint",

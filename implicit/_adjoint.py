@@ -79,6 +79,10 @@ class AdjointSolver:
     Attributes:
         approximate: ``True`` for an adjoint that does not solve the equation
             (``jfb``); all others give the implicit gradient to their tolerance.
+        symmetric: ``True`` for an adjoint that assumes ``I - M`` symmetric
+            (``cg``, ``minres``): right for argmin and least-squares problems,
+            whose ``I - M`` is the Hessian, and wrong for a general root or
+            fixed-point problem. The library does not test the symmetry.
         tol: Relative tolerance, ``‖x - M x - b‖ ≤ tol·‖b‖ + atol`` per sample;
             ``None`` uses the forward solve's ``tol``.
         atol: Absolute tolerance floor; ``None`` uses the forward solve's ``atol``.
@@ -118,6 +122,7 @@ class AdjointSolver:
 
     name: ClassVar[str] = ""
     approximate: ClassVar[bool] = False
+    symmetric: ClassVar[bool] = False
 
     tol: float | None = None
     atol: float | None = None

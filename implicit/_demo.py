@@ -218,6 +218,8 @@ class CaseResult:
         solver: Forward solver name.
         adjoint: Adjoint name.
         status: ``"ok"``, ``"approx"`` (an approximate adjoint that ran),
+            ``"symmetric"`` (an adjoint for symmetric Jacobians, such as ``cg``,
+            that ran on this problem, whose Jacobian is not symmetric),
             ``"no conv"`` (forward did not converge), ``"adj no conv"``,
             ``"non-finite"`` or ``"error"``.
         iterations: Forward iterations (``None`` when the solve raised).
@@ -340,6 +342,8 @@ def _status(row: CaseResult, sol: object, grads: object) -> str:
     adj = sol.adjoint_stats  # type: ignore[attr-defined]
     if get_adjoint(row.adjoint).approximate:
         return "approx"
+    if getattr(get_adjoint(row.adjoint), "symmetric", False):
+        return "symmetric"  # solves the wrong equation here, by design: not judged against the reference
     if adj is not None and not adj.all_converged:
         return "adj no conv"
     return "ok"

@@ -1,4 +1,4 @@
-"""The public entry points: :func:`solve`, :func:`fixed_point` and :func:`root`."""
+"""The public entry points: :func:`solve`, :func:`fixed_point`, :func:`root`, :func:`argmin` and :func:`least_squares`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from ._ad import Linearisation, attach
 from ._adjoint import AdjointSolver
 from ._failure import check_on_failure, handle_failure
 from ._monitor import Monitor
-from ._problem import ImplicitProblem
+from ._problem import ImplicitProblem, System
 from ._registry import available_adjoints, available_solvers, make_adjoint, make_solver
 from ._solver import Solver
 from ._stats import Solution, SolverStats
 from ._transforms import no_tangents
 
-__all__ = ["fixed_point", "root", "solve"]
+__all__ = ["argmin", "fixed_point", "least_squares", "root", "solve"]
 
 DEFAULT_ATOL = 1e-12
 DEFAULT_SOLVER = "anderson"
@@ -34,7 +34,7 @@ def _check_settings(tol: float, atol: float, max_iter: int) -> None:
         raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
 
 
-def _default_solver(problem: ImplicitProblem) -> str:
+def default_solver(problem: ImplicitProblem) -> str:
     """The problem's default solver where it is registered; else ``newton_krylov``, which runs any root problem."""
     name = problem.default_solver
     if name is None:
@@ -42,7 +42,7 @@ def _default_solver(problem: ImplicitProblem) -> str:
     return name if name in available_solvers() else "newton_krylov"
 
 
-def _default_adjoint(problem: ImplicitProblem) -> str:
+def default_adjoint(problem: ImplicitProblem) -> str:
     """The problem's default adjoint where it is registered; else ``gmres``."""
     name = problem.default_adjoint
     if name is None:
@@ -117,8 +117,8 @@ def solve(
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
     _check_settings(tol, atol, max_iter)
     check_on_failure(on_failure)
-    solver_obj = make_solver(_default_solver(problem) if solver is None else solver, solver_options)
-    adjoint_obj = make_adjoint(_default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
+    solver_obj = make_solver(default_solver(problem) if solver is None else solver, solver_options)
+    adjoint_obj = make_adjoint(default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
 
     system = problem.bind(z0)
     structure = system.structure
@@ -135,7 +135,24 @@ def solve(
         raise RuntimeError(f"solver {solver_obj.name!r} returned without checking convergence")
     stats = monitor.stats(solver_obj.name, system.nfe, problem.batched)
     handle_failure(monitor, on_failure, f"forward solve ({solver_obj.name})")
+    return attach_solution(system, z_flat, stats, adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure)
 
+
+def attach_solution(
+    system: System,
+    z_flat: torch.Tensor,
+    stats: SolverStats,
+    adjoint: AdjointSolver,
+    *,
+    tol: float,
+    atol: float,
+    on_failure: str,
+) -> Solution:
+    """The :class:`Solution` holding flat solution ``z_flat`` re-attached to autograd with its implicit derivatives.
+
+    The one path by which a solution gets its derivatives, whether
+    :func:`solve` computed it or :func:`~implicit.attach` was handed it.
+    """
     solution = Solution(z=None, stats=stats)
     ref = weakref.ref(solution)
 
@@ -144,10 +161,8 @@ def solve(
         if sol is not None:
             sol.adjoint_stats = adjoint_stats
 
-    lin = Linearisation(
-        system, z_flat.detach(), adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure, record=record
-    )
-    solution.z = structure.unflatten(attach(z_flat.detach(), lin))
+    lin = Linearisation(system, z_flat.detach(), adjoint, tol=tol, atol=atol, on_failure=on_failure, record=record)
+    solution.z = system.structure.unflatten(attach(z_flat.detach(), lin))
     return solution
 
 
@@ -208,3 +223,77 @@ def root(F: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: A
         0.35355339
     """
     return solve(ImplicitProblem(F, batched=batched), z0, **kwargs).z
+
+
+def argmin(objective: Callable[[Any], torch.Tensor], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The minimiser ``z* = argmin_z objective(z)``, differentiable by the IFT, in the structure of ``z0``.
+
+    Solved as the root of the gradient (the tolerance applies to ``‖∇objective‖``);
+    the implicit derivative's Jacobian is the Hessian. Without ``solver`` the
+    problem's default is used (``"lbfgs"``, or ``"newton_krylov"`` where that is
+    not registered); without ``adjoint``, ``"cg"``.
+
+    Args:
+        objective: ``z ↦`` a 0-dim tensor (``(B,)`` when batched); it
+            receives the structure of ``z0``.
+        z0: The initial state.
+        batched: Whether dim 0 of every variable indexes independent samples
+            (then ``objective`` returns one value per sample).
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve`, differentiable with respect
+        to every tensor ``objective`` reads.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
+        ``argmin (z - a)² + z⁴`` and its derivative ``dz*/da = 2 / (2 + 12 z*²)``:
+
+        >>> import torch, implicit
+        >>> a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> z = implicit.argmin(lambda z: (z - a) ** 2 + z**4, torch.tensor(0.0, dtype=torch.float64), solver="newton_krylov", tol=1e-12)
+        >>> z.backward()
+        >>> torch.allclose(a.grad, 2 / (2 + 12 * z.detach() ** 2))
+        True
+    """
+    return solve(ImplicitProblem.argmin(objective, batched=batched), z0, **kwargs).z
+
+
+def least_squares(residuals: Callable[[Any], Any], z0: Any, *, batched: bool = False, **kwargs: Any) -> Any:
+    """The least-squares solution ``z* = argmin_z ½ Σ residuals(z)²``, differentiable by the IFT.
+
+    Solved as the root of the gradient ``Jᵀr``. Without ``solver`` the
+    problem's default is used (``"levenberg_marquardt"``, or
+    ``"newton_krylov"`` where that is not registered); without ``adjoint``, ``"cg"``.
+
+    Args:
+        residuals: ``z ↦`` a tensor, or a dict, tuple or list of tensors of
+            any shapes (each with dim 0 of size ``B`` when batched).
+        z0: The initial state.
+        batched: Whether dim 0 of every variable and residual indexes samples.
+        **kwargs: The keyword arguments of :func:`solve`.
+
+    Returns:
+        The solution ``sol.z`` of :func:`solve` in the structure of ``z0``,
+        differentiable with respect to every tensor ``residuals`` reads.
+
+    Raises:
+        ValueError: for inconsistent inputs or an unknown solver, adjoint or option.
+        ConvergenceError: when a solve fails to converge and ``on_failure="raise"``.
+        SolverError: when a non-finite value appears and ``on_failure="raise"``.
+
+    Examples:
+        Linear least squares ``min ‖Xz − y‖²``, whose solution is ``(XᵀX)⁻¹Xᵀy``:
+
+        >>> import torch, implicit
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+        >>> z = implicit.least_squares(lambda z: X @ z - y, torch.zeros(2, dtype=torch.float64), solver="newton_krylov", tol=1e-12)
+        >>> torch.allclose(z, torch.linalg.lstsq(X, y).solution)
+        True
+    """
+    return solve(ImplicitProblem.least_squares(residuals, batched=batched), z0, **kwargs).z

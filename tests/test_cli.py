@@ -174,7 +174,7 @@ def test_demo_runs_every_registered_solver_and_adjoint() -> None:
 
 
 def test_demo_gradients_match_the_reference_for_exact_adjoints() -> None:
-    adjoints = [a for a in ADJOINTS if not implicit.get_adjoint(a).approximate]
+    adjoints = [a for a in ADJOINTS if not implicit.get_adjoint(a).approximate and not implicit.get_adjoint(a).symmetric]
     code, out, err = _main(
         "demo", "--solvers", "fixed_point", "--adjoints", ",".join(adjoints), "--repeat", "1", "--json", "-q"
     )

@@ -1,5 +1,5 @@
 """Built-in adjoint solvers; importing this package registers them."""
 
-from . import exact, from_solver, gmres, jfb, neumann
+from . import cg, exact, from_solver, gmres, jfb, minres, neumann
 
-__all__ = ["exact", "from_solver", "gmres", "jfb", "neumann"]
+__all__ = ["cg", "exact", "from_solver", "gmres", "jfb", "minres", "neumann"]
