@@ -2,7 +2,7 @@
 over a dict of tensors, and differentiate through the solution with the
 implicit function theorem."""
 
-from . import adjoints, nn, solvers  # noqa: F401 - importing registers the built-ins
+from . import adjoints, nn, projections, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
 from ._attach import attach, custom_root
 from ._check import CheckReport, Finding, check
@@ -46,6 +46,7 @@ __all__ = [
     "get_solver",
     "least_squares",
     "nn",
+    "projections",
     "register_adjoint",
     "register_solver",
     "root",

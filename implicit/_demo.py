@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._problem import ImplicitProblem
-from ._registry import available_adjoints, available_solvers, get_adjoint
+from ._registry import available_adjoints, available_solvers, forms_of, get_adjoint, get_solver
 from ._solve import solve
 
 __all__ = [
@@ -376,8 +376,10 @@ def default_pairs(
     Returns:
         The pairs, in order.
     """
-    all_solvers = available_solvers()
-    all_adjoints = available_adjoints()
+    # The demo is a fixed-point problem: solvers of optimisation problems only
+    # (``forms`` without "root") have nothing to solve in it.
+    all_solvers = [s for s in available_solvers() if "root" in forms_of(get_solver(s))]
+    all_adjoints = [a for a in available_adjoints() if "root" in forms_of(get_adjoint(a))]
     solvers = list(solvers) if solvers else all_solvers
     adjoints = list(adjoints) if adjoints else all_adjoints
     if grid:

@@ -25,6 +25,7 @@ __all__ = [
     "RegistryError",
     "available_adjoints",
     "available_solvers",
+    "forms_of",
     "get_adjoint",
     "get_solver",
     "make_adjoint",
@@ -44,6 +45,23 @@ A = TypeVar("A", bound=AdjointSolver)
 
 class RegistryError(ValueError, LookupError):
     """An unknown solver, adjoint or option; the message lists what exists."""
+
+
+ALL_FORMS = ("root", "fixed_point", "argmin", "least_squares")
+
+
+def forms_of(cls: type) -> tuple[str, ...]:
+    """The problem forms a solver or adjoint class accepts: its ``forms`` class attribute.
+
+    A class without one accepts every form. An adjoint made from a forward
+    solver accepts the forms of that solver; its own problem, the adjoint
+    equation, is a linear root problem, so it serves only where the solver
+    accepts ``"root"``.
+    """
+    forms: Any = getattr(cls, "forms", None)
+    if forms is None:
+        forms = getattr(getattr(cls, "solver_class", None), "forms", ALL_FORMS)
+    return tuple(forms)
 
 
 def _suggest(name: str, names: list[str]) -> str:

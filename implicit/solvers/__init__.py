@@ -1,5 +1,25 @@
 """Built-in forward solvers; importing this package registers them."""
 
-from . import anderson, broyden, newton_krylov, picard, scipy_root
+from . import (
+    anderson,
+    broyden,
+    gauss_newton,
+    lbfgs,
+    levenberg_marquardt,
+    newton_cg,
+    newton_krylov,
+    picard,
+    scipy_root,
+)
 
-__all__ = ["anderson", "broyden", "newton_krylov", "picard", "scipy_root"]
+__all__ = [
+    "anderson",
+    "broyden",
+    "gauss_newton",
+    "lbfgs",
+    "levenberg_marquardt",
+    "newton_cg",
+    "newton_krylov",
+    "picard",
+    "scipy_root",
+]
