@@ -111,6 +111,7 @@ def attach(
         assert monitor.converged is not None
         within = bool(monitor.converged.all())
         monitor.message = f"the given solution is {'within' if within else 'not within'} tol={float(tol):g}"
+        monitor.reason = "given"
     stats = monitor.stats(name, system.nfe, problem.batched)
     handle_failure(monitor, on_failure, f"attached solution ({name})")
     return attach_solution(system, z_flat, stats, adjoint_obj, tol=float(tol), atol=float(atol), on_failure=on_failure)

@@ -100,17 +100,21 @@ def handle_failure(monitor: Monitor, on_failure: str, what: str, solver: str | N
     figures.update(kind="unconverged", residual=residual, unconverged=failed, samples=total)
     within = " within max_iter" if monitor.reason == "max_iter" else ""
     text = f"{label} did not converge{within}"
+    advice = "raise max_iter, loosen tol or pick another solver"
+    if monitor.reason == "given":  # a solution computed elsewhere (attach): nothing was iterated
+        text = f"{label}: the given solution is not within tol={monitor.tol:g}"
+        advice = "solve more accurately before attaching, or loosen tol"
     if on_failure == "raise":
         worst = float(residual.max()) if residual is not None and residual.numel() else float("nan")
         raise ConvergenceError(
             f"{text}: {monitor.message} ({failed} of {total} samples unconverged, largest residual {worst:.3e}); "
-            "raise max_iter, loosen tol or pick another solver",
+            f"{advice}",
             **figures,
         )
     warn_at_caller(
         ConvergenceWarning(
             f"{text}; see the warning's attributes (residual, iterations, unconverged, reason) or the stats for "
-            "figures; raise max_iter, loosen tol or pick another solver",
+            f"figures; {advice}",
             **figures,
         )
     )
