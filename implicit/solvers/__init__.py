@@ -1,5 +1,5 @@
 """Built-in forward solvers; importing this package registers them."""
 
-from . import anderson, broyden, newton_krylov, picard, scipy_root
+from . import anderson, broyden, newton, newton_krylov, picard, scipy_root
 
-__all__ = ["anderson", "broyden", "newton_krylov", "picard", "scipy_root"]
+__all__ = ["anderson", "broyden", "newton", "newton_krylov", "picard", "scipy_root"]
