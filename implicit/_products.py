@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.overrides import has_torch_function
 
@@ -10,7 +12,7 @@ try:  # the engine entry of torch.autograd.grad (PyTorch >= 2.3)
 except ImportError:  # pragma: no cover
     _engine_run_backward = None  # type: ignore[assignment]
 
-__all__ = ["JacobianFromGraph", "private_saved_tensors", "vjp"]
+__all__ = ["JacobianFromGraph", "private_saved_tensors", "record_privately", "vjp"]
 
 
 def vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,3 +74,28 @@ class private_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def record_privately(
+    fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, hooks: bool | None
+) -> tuple[torch.Tensor, bool]:
+    """``fn(z)`` with its graph under :class:`private_saved_tensors` where ``fn`` allows, and whether it did.
+
+    A function that calls ``torch.func.grad`` or ``vjp`` (the optimality
+    condition of an objective) cannot run while any saved-tensor hook is
+    installed. ``hooks=None`` tries once with the private hooks; if that
+    fails, ``fn`` is evaluated again without them and the outcome decides:
+    succeeding, ``fn`` refuses hooks (and, having run, none of the caller's
+    are installed, so there is nothing to keep the graph from); failing
+    again, the error is ``fn``'s own and propagates. Pass the returned flag
+    as ``hooks`` for later evaluations of the same function.
+    """
+    if hooks is False:
+        return fn(z), False
+    try:
+        with private_saved_tensors():
+            return fn(z), True
+    except RuntimeError:
+        if hooks:  # fn ran under the hooks before: this error is its own
+            raise
+    return fn(z), False

@@ -11,6 +11,7 @@ constraints, solved with ``torch.linalg.solve``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import implicit
@@ -68,11 +69,12 @@ def _active_set_gradient(
     return torch.stack(grads)
 
 
-def test_qp_layer_with_default_settings() -> None:
+@pytest.mark.parametrize("solver", ["newton_krylov", "newton"])
+def test_qp_layer_with_default_settings(solver: str) -> None:
     d = _qp()
     q = d["q"].clone().requires_grad_()
     z0 = {"x": torch.zeros(B, N, dtype=f64), "nu": torch.zeros(B, P, dtype=f64), "lam": torch.zeros(B, M, dtype=f64)}
-    sol = implicit.solve(implicit.ImplicitProblem(_residual(d, q), batched=True), z0, solver="newton_krylov")
+    sol = implicit.solve(implicit.ImplicitProblem(_residual(d, q), batched=True), z0, solver=solver)
     assert bool(sol.stats.converged.all()), sol.stats.message
     x, lam = sol.z["x"], sol.z["lam"]
     # A QP solution to the tolerance: |min(λ, s)| ≤ |φ(λ, s)| / (2 - √2) < 2 ‖F‖ bounds the

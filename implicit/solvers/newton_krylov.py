@@ -11,7 +11,7 @@ import torch
 from .._krylov import default_restart, gmres
 from .._monitor import Monitor
 from .._problem import System
-from .._products import JacobianFromGraph, private_saved_tensors
+from .._products import JacobianFromGraph, private_saved_tensors, record_privately
 from .._registry import register_solver
 from .._settings import boolean, integer, interval, one_of, set_options
 from .._solver import Solver
@@ -39,7 +39,7 @@ class _JacobianProduct:
     def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
         self.system, self.z = system, z
         self.graph: JacobianFromGraph | None = None
-        # Whether F runs under saved-tensor hooks: None until tried (see _record).
+        # Whether F runs under saved-tensor hooks: None until tried (see record_privately).
         self.hooks = hooks
         # (A linear system from an adjoint has its products already: residual_jvp.)
         # Under torch.inference_mode() no graph is recorded unless it is left
@@ -51,7 +51,8 @@ class _JacobianProduct:
             try:
                 with _outside_inference(self.inference), torch.enable_grad():
                     zz = (z.clone() if self.inference else z.detach()).requires_grad_()
-                    f = self._record(zz)
+                    # F may refuse saved-tensor hooks (torch.func.grad inside): see record_privately.
+                    f, self.hooks = record_privately(self.system.residual, zz, self.hooks)
                     self.graph = JacobianFromGraph(zz, f)
             except RuntimeError:
                 if not self.inference:
@@ -61,32 +62,6 @@ class _JacobianProduct:
                 self.value = f.detach()
         else:
             self.value = system.residual(z)
-
-    def _record(self, zz: torch.Tensor) -> torch.Tensor:
-        """``F(zz)`` with its graph, its saved tensors kept from the caller's hooks where ``F`` allows.
-
-        A residual that calls ``torch.func.grad`` or ``vjp`` (the optimality
-        condition of an objective) cannot run while any saved-tensor hook is
-        installed. The first evaluation of a solve tries with the private
-        hooks; if it fails, ``F`` is evaluated once more without them, and
-        the outcome decides for the rest of the solve: succeeding, ``F``
-        refuses hooks (and, having run, none of the caller's are installed,
-        so there is nothing to keep the graph from); failing again, the
-        error is ``F``'s own and propagates.
-        """
-        if self.hooks is False:
-            return self.system.residual(zz)
-        try:
-            with private_saved_tensors():
-                f = self.system.residual(zz)
-        except RuntimeError:
-            if self.hooks:  # F ran under the hooks before: this error is its own
-                raise
-            f = self.system.residual(zz)
-            self.hooks = False
-        else:
-            self.hooks = True
-        return f
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
