@@ -101,6 +101,8 @@ def handle_failure(monitor: Monitor, on_failure: str, what: str, solver: str | N
     within = " within max_iter" if monitor.reason == "max_iter" else ""
     text = f"{label} did not converge{within}"
     advice = "raise max_iter, loosen tol or pick another solver"
+    if monitor.kind:  # a solver's own stop, in words without figures
+        text = f"{label} did not converge: {monitor.kind}"
     if monitor.reason == "given":  # a solution computed elsewhere (attach): nothing was iterated
         text = f"{label}: the given solution is not within tol={monitor.tol:g}"
         advice = "solve more accurately before attaching, or loosen tol"

@@ -278,6 +278,9 @@ def _report_stagnation(
         return
     count = int(stagnated.sum())
     worst = float(residual.masked_fill(~stagnated, 0).max())
+    monitor.kind = (  # type: ignore[attr-defined]
+        "GMRES stagnated: a restart cycle lowered no unconverged residual; raise restart or use adjoint='exact'"
+    )
     monitor.message = (
         f"GMRES stagnated after {getattr(monitor, 'iterations', '?')} steps: a restart cycle of {restart} steps "
         f"lowered the residual of none of the {count} unconverged rows by {STAGNATION:.1%} (largest residual "

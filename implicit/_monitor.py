@@ -87,6 +87,9 @@ class Monitor:
         self.nonfinite: list[str] = []
         self.nonfinite_input = False  # the non-finite value came with the right-hand side (see blame_input)
         self.message = ""
+        # The kind of failure in words without figures, where a solver's own stop has one
+        # (divergence, stagnation, negative curvature): warnings carry it, so repeats are recognised.
+        self.kind = ""
         self.reason = ""  # "converged", "max_iter", "nonfinite", or "" (a solver's own stop)
         self._host = structure.device.type == "cpu" and structure.batch * structure.size <= HOST_NUMEL
         self._reference = None if reference is None or not self._host else reference.tolist()
@@ -299,6 +302,7 @@ class Monitor:
             peaks = [float(part.abs().max()) if part.numel() else 0.0 for part in r.split(self.structure.sizes, dim=1)]
             where = f", largest in {self.structure.names[max(range(len(peaks)), key=peaks.__getitem__)]}"
         initial = self._initial or 0.0
+        self.kind = f"diverged (the residual norm grew past {DIVERGENCE:g} times its first or overflowed){where}"
         if initial == math.inf:
             self.message = f"the residual norm overflowed at the start (every value finite){where}"
         else:

@@ -260,8 +260,8 @@ def backtracking(
     such step within ``max_iter`` trials takes the last, shortest one if it
     lowered the value at all (``success`` ``False``), and otherwise stays
     where it is (step zero, ``success`` ``False``); a non-finite value is
-    never accepted. A trial whose value is within a few ulps of ``f(x)`` is
-    accepted too: near a minimum the decrease falls below the rounding of
+    never accepted. A trial whose value is within a few ulps of ``f(x)``, where
+    the decrease asked for is within them too, is accepted: near a minimum the decrease falls below the rounding of
     ``f`` and cannot be measured, and a step there cannot make ``f``
     measurably worse (the approximate Armijo condition of Hager and Zhang).
 
@@ -310,7 +310,9 @@ def backtracking(
         f = value_fn(x + a[:, None] * direction)
         evaluations += 1
         ok = torch.isfinite(f) & ~settled
-        flat = (f - value).abs() <= rounding * (value.abs() + f.abs())
+        # Within rounding of f(x), where the decrease asked for is itself below rounding.
+        scale = rounding * (value.abs() + f.abs())
+        flat = ((f - value).abs() <= scale) & ((c1 * a * slope).abs() <= scale)
         accept = ok & ((f <= value + c1 * a * slope) | flat)
         if trial == max_iter - 1:
             fallback = ok & ~accept & (f < value)

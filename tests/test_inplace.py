@@ -95,7 +95,11 @@ class _Cell(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-@pytest.mark.parametrize("adjoint", ADJOINTS)
+# A DEQ's Jacobian is not symmetric: the symmetric adjoints (cg, minres) do not apply.
+GENERAL_ADJOINTS = [a for a in ADJOINTS if not implicit.get_adjoint(a).symmetric]
+
+
+@pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
 def test_optimizer_step_before_backward_raises_and_names_the_parameter(adjoint: str) -> None:
     torch.manual_seed(0)
     layer = implicit.nn.DEQ(_Cell(), solver="anderson", adjoint=adjoint, tol=1e-10)
@@ -109,7 +113,7 @@ def test_optimizer_step_before_backward_raises_and_names_the_parameter(adjoint: 
         z.pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
 def test_nothing_fires_when_nothing_changed(adjoint: str) -> None:
     W, x = _setup(3)
     x.requires_grad_()

@@ -78,6 +78,7 @@ class CGAdjoint(AdjointSolver):
         while True:
             if bool(out.negative_curvature.any()):
                 monitor.message = f"{NEGATIVE_CURVATURE} ({monitor.message})"
+                monitor.kind = NEGATIVE_CURVATURE
                 return out.x
             if monitor.nonfinite or not bool(out.converged.all()):
                 return out.x
