@@ -57,9 +57,8 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._functorch.autograd_function import custom_function_call
-from torch._functorch.utils import unwrap_dead_wrappers
 
+from . import _compat
 from ._adjoint import AdjointSolver, LinearOperator
 from ._failure import handle_failure
 from ._monitor import Monitor
@@ -70,8 +69,6 @@ from ._stats import SolverStats
 from ._transforms import no_tangents, plain, vmapped
 
 __all__ = ["Linearisation", "attach"]
-
-_functorch = torch._C._functorch
 
 _LOWERED = (
     "this composition of torch.func transforms needs products with the Jacobian of the problem "
@@ -137,7 +134,7 @@ class Linearisation:
         For forward mode alone, where :func:`attach` records none. Not while
         a ``torch.func`` transform is active: they forbid ``requires_grad_``.
         """
-        if _functorch.maybe_current_level() is not None:
+        if _compat.transform_level() is not None:
             raise NotImplementedError(_LOWERED)
         with torch.enable_grad(), no_tangents():
             z = self.z_star.detach().requires_grad_()
@@ -152,13 +149,12 @@ class Linearisation:
         with torch.enable_grad():
             try:
                 return vjp(self.g, self.z, v)
-            except RuntimeError as exc:
+            except RuntimeError:
                 # The engine frees the forward graph once a backward without
                 # retain_graph has passed through it; a later solve (a
                 # second-order pass, or refining an unconverged adjoint) then
                 # builds a graph of its own, at the cost of one evaluation.
-                if "second time" not in str(exc):
-                    raise
+                # Any other error recurs on the new graph, and propagates.
                 self.record_graph()
                 return vjp(self.g, self.z, v)
 
@@ -172,8 +168,8 @@ class Linearisation:
         Raises:
             NotImplementedError: where neither is possible (see :meth:`_lowered`).
         """
-        wrapped = _functorch.is_functorch_wrapped_tensor(self.z_star)
-        if self.g is None and not wrapped and fwAD._current_level >= 0:
+        wrapped = _compat.is_wrapped(self.z_star)
+        if self.g is None and not wrapped and _compat.forward_ad_active():
             self.record_graph()  # torch.autograd.forward_ad does not nest: no forward mode here
         if self.g is not None and self.z is not None:
             # From the graph recorded at the solution: no new evaluation of G
@@ -181,14 +177,14 @@ class Linearisation:
             # first; forward mode evaluates G again, at three to five times
             # that), and no new transform level under torch.func.
             try:
-                if wrapped or _functorch.maybe_current_level() is not None:
+                if wrapped or _compat.transform_level() is not None:
                     # under torch.func, levels differ between calls: nothing is kept
                     return JacobianFromGraph(self.z, self.g)(v)
                 if self._products is None:
                     self._products = JacobianFromGraph(self.z, self.g)
                 return self._products(v)
             except RuntimeError as exc:
-                if wrapped or fwAD._current_level >= 0:
+                if wrapped or _compat.forward_ad_active():
                     raise NotImplementedError(_LOWERED) from exc
                 # An operation of G without a double backward: forward mode below.
         elif wrapped and self._lowered():
@@ -205,13 +201,13 @@ class Linearisation:
         then come from the graph recorded when the solution was attached.
         Levels that have exited (dead wrappers, level ``-2``) are harmless.
         """
-        current = _functorch.maybe_current_level()
+        current = _compat.transform_level()
         t = self.z_star
-        while _functorch.is_functorch_wrapped_tensor(t):
-            level = _functorch.maybe_get_level(t)
+        while _compat.is_wrapped(t):
+            level = _compat.wrapped_level(t)
             if level > 0 and (current is None or level > current):
                 return True
-            t = _functorch.get_unwrapped(t)
+            t = _compat.unwrapped(t)
         return False
 
     def jacobian(self) -> torch.Tensor:
@@ -224,7 +220,7 @@ class Linearisation:
         if self._jacobian is None and 0 in self.z_star.shape:  # an empty batch: nothing to differentiate
             self._jacobian = plain(self.z_star.detach()).new_zeros(*self.z_star.shape, self.z_star.shape[1])
         if self._jacobian is None:
-            if self.g is None and not _functorch.is_functorch_wrapped_tensor(self.z_star):
+            if self.g is None and not _compat.is_wrapped(self.z_star):
                 self.record_graph()
             batch, size = self.z_star.shape
             basis = torch.eye(size, dtype=self.z_star.dtype, device=self.z_star.device)
@@ -337,9 +333,9 @@ class _ImplicitSolve(torch.autograd.Function):
         always complete.
         """
         args = (r, lin, mode, base)
-        if torch._C._are_functorch_transforms_active():
-            return custom_function_call(cls, *args)
-        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # type: ignore[misc]
+        if _compat.transforms_active():
+            return _compat.custom_function_call(cls, *args)
+        return super(torch.autograd.Function, cls).apply(*_compat.unwrap_dead_wrappers(args))  # type: ignore[misc]
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -434,15 +430,22 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
     reads no tensor that requires grad, and always under
     ``torch.inference_mode()``, where nothing can be differentiated.
     """
-    if torch.is_inference_mode_enabled() or (not torch.is_grad_enabled() and fwAD._current_level < 0):
+    if torch.is_inference_mode_enabled() or (not torch.is_grad_enabled() and not _compat.forward_ad_active()):
         return z_star
     system = lin.system
     z0 = z_star.detach()
+    if system.autocast is not None:
+        # Autocast caches its low-precision copy of each parameter within a region; a copy
+        # made by the solver's iterations under no_grad carries no history, and PyTorch 2.2
+        # would hand it to the evaluations below, which would then not reach the parameter.
+        torch.clear_autocast_cache()
     # The two evaluations of G keep one set of saved tensors between them
     # (see _saved); without saved-tensor hooks (torch.func) each keeps its own.
     # Each checks, on unpack, that no tensor it saved was modified in place since.
     reads = system.problem.fn
-    shared = SharedSaves.create(reads) if fwAD._current_level < 0 else None
+    # A gradient taken inside G unpacks what G saved while G runs: not to be recomputed.
+    differentiates = system.problem.form in ("argmin", "least_squares")
+    shared = SharedSaves.create(reads) if not _compat.forward_ad_active() else None
     g_in = None
     if shared is not None:
         z_in = z0.detach().requires_grad_()
@@ -451,26 +454,35 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
                 # At a leaf that requires grad, as z_a does below: autograd then
                 # saves the same tensors in both evaluations. Its gradient is never read.
                 g_in = system.map(z_in)
-        except RuntimeError as exc:
-            if "saved tensor hooks" not in str(exc):  # G itself calls torch.func.grad or vjp
-                raise
+        except RuntimeError:
+            # G itself calls torch.func.grad or vjp, which refuse saved-tensor hooks: it is
+            # evaluated below without them (an error of G's own recurs there, and propagates).
             shared = None
         else:
             if not _reads_other_leaves(g_in, z_in):
                 return z0
-    elif fwAD._current_level < 0 and torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
+    elif not _compat.forward_ad_active() and _compat.saved_tensors_hooks_enabled() and not differentiates:
         # PyTorch without access to the caller's hooks: this evaluation keeps nothing.
+        z_in = z0.detach().requires_grad_()  # as above
         try:
-            g_in = evaluate_without_saving(system.map, z0, reads)
-        except RuntimeError as exc:
-            if "saved tensor hooks" not in str(exc):
-                raise
+            g_in = evaluate_without_saving(system.map, z_in, reads)
+        except RuntimeError:  # G refuses saved-tensor hooks (as above); an error of its own recurs below
+            pass
+        else:
+            if not _reads_other_leaves(g_in, z_in):
+                return z0
     if g_in is None:
         # torch.func.grad / vjp / jacrev disable saved-tensor hooks, and forward
         # mode records no graph: this evaluation keeps its own activations.
-        g_in = system.map(z0)
-    if shared is None and not g_in.requires_grad and not _has_tangent(g_in):
-        return z0
+        if _compat.transforms_active() or _compat.forward_ad_active():
+            g_in = system.map(z0)
+            if not g_in.requires_grad and not _has_tangent(g_in):
+                return z0
+        else:  # at a leaf, as above: a gradient G takes inside has a graph of its own
+            z_in = z0.detach().requires_grad_()
+            g_in = system.map(z_in)
+            if not _reads_other_leaves(g_in, z_in):
+                return z0
     # The corrections G(z) - z are folded into the Function (z0 is a constant,
     # z_a is the Function's ``base``): no subtraction, zero or sum is formed.
     z_a = _ImplicitSolve.apply(g_in, lin, _INNER, z0)  # z0 in value and memory
@@ -514,26 +526,26 @@ def _reads_other_leaves(g: torch.Tensor, leaf: torch.Tensor) -> bool:
 
 def _tracked_by_outer_transform(t: torch.Tensor) -> bool:
     """Whether a ``torch.func`` transform below the current one tracks ``t`` (``jacrev`` over ``jvp``, say)."""
-    current = _functorch.maybe_current_level()
+    current = _compat.transform_level()
     first = True
-    while _functorch.is_functorch_wrapped_tensor(t):
-        level = _functorch.maybe_get_level(t)
+    while _compat.is_wrapped(t):
+        level = _compat.wrapped_level(t)
         if level > 0 and not (first and level == current):
             return True
         first = False
-        t = _functorch.get_unwrapped(t)
+        t = _compat.unwrapped(t)
     return False
 
 
 def _strip_dead(t: torch.Tensor) -> torch.Tensor:
     """``t`` without the wrappers of ``torch.func`` levels that have exited (``make_dual`` refuses them)."""
-    while _functorch.is_functorch_wrapped_tensor(t) and _functorch.is_dead_tensor_wrapper(t):  # type: ignore[attr-defined]
-        t = _functorch.unwrap_if_dead(t)
+    while _compat.is_wrapped(t) and _compat.is_dead_wrapper(t):
+        t = _compat.unwrap_if_dead(t)
     return t
 
 
 def _has_tangent(t: torch.Tensor) -> bool:
-    if fwAD._current_level < 0:
+    if not _compat.forward_ad_active():
         return False
     try:
         return fwAD.unpack_dual(t).tangent is not None

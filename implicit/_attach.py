@@ -178,7 +178,9 @@ def custom_root(
     elif callable(problem_or_F):
         problem = ImplicitProblem(problem_or_F, batched=batched)
     else:
-        raise TypeError(f"custom_root needs an implicit.ImplicitProblem or a callable F; got {type(problem_or_F).__name__}")
+        raise TypeError(
+            f"custom_root needs an implicit.ImplicitProblem or a callable F; got {type(problem_or_F).__name__}"
+        )
     check_on_failure(on_failure)
 
     def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
@@ -220,6 +222,4 @@ def _same_structure(z0: Any, z_star: Any, batched: bool, name: str) -> None:
         if s0 != s1:
             raise ValueError(f"{name} returned {var} with shape {s1}; expected {s0} as in z0")
     if a.dtype != b.dtype or a.device != b.device:
-        raise ValueError(
-            f"{name} returned dtype {b.dtype} on {b.device}; expected {a.dtype} on {a.device} as z0"
-        )
+        raise ValueError(f"{name} returned dtype {b.dtype} on {b.device}; expected {a.dtype} on {a.device} as z0")

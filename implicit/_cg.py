@@ -250,9 +250,7 @@ def minres(
                 break
         x, r, stop, exact = _lanczos(matvec, x, r, checker)
     assert checker.active is not None
-    return MINRESResult(
-        x, torch.linalg.vector_norm(r, dim=1), ~checker.active, int(getattr(checker, "iterations", 0))
-    )
+    return MINRESResult(x, torch.linalg.vector_norm(r, dim=1), ~checker.active, int(getattr(checker, "iterations", 0)))
 
 
 def _lanczos(

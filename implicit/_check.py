@@ -156,10 +156,18 @@ def check(
     except (TypeError, ValueError, NotImplementedError) as exc:
         findings.append(Finding("state", False, f"z0 cannot be solved for: {exc}"))
         return report()
-    samples = f"{structure.batch} samples of {structure.size} numbers" if problem.batched else f"{structure.size} number{'s' if structure.size != 1 else ''}"
+    samples = (
+        f"{structure.batch} samples of {structure.size} numbers"
+        if problem.batched
+        else f"{structure.size} number{'s' if structure.size != 1 else ''}"
+    )
     if structure.device.type == "meta":
         findings.append(
-            Finding("state", False, f"z0 is on the meta device ({structure.describe()}): it has shapes but no values to solve for")
+            Finding(
+                "state",
+                False,
+                f"z0 is on the meta device ({structure.describe()}): it has shapes but no values to solve for",
+            )
         )
         return report()
     system = System(problem, structure)
@@ -191,7 +199,9 @@ def check(
         try:
             radius = _spectral_radius(system, z, g, min(krylov_steps, structure.size), generator)
         except Exception as exc:  # noqa: BLE001 - an operation without a derivative, say
-            findings.append(Finding("derivatives", False, f"{what} cannot be differentiated in z: {type(exc).__name__}: {exc}"))
+            findings.append(
+                Finding("derivatives", False, f"{what} cannot be differentiated in z: {type(exc).__name__}: {exc}")
+            )
             return report()
         findings.append(Finding("derivatives", True, f"{what} is differentiable in z", figures))
         findings.append(_plain_iteration(radius, problem.batched))
@@ -246,7 +256,9 @@ def _spectral_radius(
         # zero vector keeps the sample's later columns zero (adding Ritz values 0).
         keep = h > tiny * scale.clamp_min(torch.finfo(z.dtype).tiny)
         hess[:, j + 1, j] = torch.where(keep, h, torch.zeros_like(h)).double()
-        basis.append(torch.where(keep[:, None], w / h.clamp_min(torch.finfo(z.dtype).tiny)[:, None], torch.zeros_like(w)))
+        basis.append(
+            torch.where(keep[:, None], w / h.clamp_min(torch.finfo(z.dtype).tiny)[:, None], torch.zeros_like(w))
+        )
     ritz = torch.linalg.eigvals(hess[:, :steps, :steps])
     return ritz.abs().amax(dim=1).to(z.dtype)
 

@@ -410,7 +410,11 @@ def _run_demo_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
         print(f"wrote {args.plot}", file=err)
 
     if args.check:
-        bad = [r for r in rows if r.status not in ("approx", "symmetric") and (r.status != "ok" or not r.grad_error <= CHECK_GRAD_TOL)]
+        bad = [
+            r
+            for r in rows
+            if r.status not in ("approx", "symmetric") and (r.status != "ok" or not r.grad_error <= CHECK_GRAD_TOL)
+        ]
         if bad:
             print(f"check failed for: {', '.join(f'{r.solver} + {r.adjoint} ({r.status})' for r in bad)}", file=err)
             return 1

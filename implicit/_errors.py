@@ -6,8 +6,20 @@ from typing import Any
 
 __all__ = ["ConvergenceError", "ConvergenceWarning", "SolverError"]
 
-_FIGURES = ("what", "solver", "kind", "reason", "residual", "iterations", "tol", "atol", "max_iter", "unconverged",
-            "samples", "variables")
+_FIGURES = (
+    "what",
+    "solver",
+    "kind",
+    "reason",
+    "residual",
+    "iterations",
+    "tol",
+    "atol",
+    "max_iter",
+    "unconverged",
+    "samples",
+    "variables",
+)
 
 
 class _Figures:

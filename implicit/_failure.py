@@ -84,7 +84,9 @@ def handle_failure(monitor: Monitor, on_failure: str, what: str, solver: str | N
         else:
             figures["kind"] = "nonfinite"
             after = (
-                "the best iterate before it is returned, unconverged" if monitor.track_best else "its result is not usable"
+                "the best iterate before it is returned, unconverged"
+                if monitor.track_best
+                else "its result is not usable"
             )
             text = f"{label}: non-finite value in {names}; the solve stopped there and {after}"
         if on_failure == "raise":

@@ -311,11 +311,13 @@ class _Arnoldi:
         self.q0 = self.P.select(1, 0)  # the first column of Q: β times it is the rotated right-hand side
         self.eye = torch.eye(m + 1, dtype=b.dtype, device=b.device)
         # A rotation (c, s) as the transpose of [[c, s], [-s, c]]: (c, s) @ to_matrix, flattened.
-        self.to_matrix = b.new_tensor([[1.0, 0.0, 0.0, 1.0], [0.0, -1.0, 1.0, 0.0]])
-        self.swap = b.new_tensor([0.0, 1.0])
+        self.to_matrix = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, -1.0, 1.0, 0.0]], dtype=b.dtype, device=b.device)
+        self.swap = torch.tensor([0.0, 1.0], dtype=b.dtype, device=b.device)
         self.zero = b.new_zeros(())
         self.tiny = torch.finfo(b.dtype).tiny
-        self.tiny_t = b.new_tensor(self.tiny)  # compared with as a tensor: half the cost of a float
+        self.tiny_t = torch.tensor(
+            self.tiny, dtype=b.dtype, device=b.device
+        )  # compared with as a tensor: half the cost of a float
 
     def cycle(
         self,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _compat
 from ._stats import SolverStats
 from ._structure import Structure
 
@@ -92,7 +93,7 @@ class Monitor:
         self.kind = ""
         self.reason = ""  # "converged", "max_iter", "nonfinite", or "" (a solver's own stop)
         self._host = structure.device.type == "cpu" and structure.batch * structure.size <= HOST_NUMEL
-        self._reference = None if reference is None or not self._host else reference.tolist()
+        self._reference = None if reference is None or not self._host else _compat.tolist(reference)
         self._margin: torch.Tensor | list[float] | None = None
         self._residual: torch.Tensor | None = None
         self._active: torch.Tensor | None = None
@@ -204,7 +205,7 @@ class Monitor:
     def check(self, z: torch.Tensor, r: torch.Tensor) -> bool:
         """Record the residual of iterate ``z`` and say whether to stop."""
         if self._host:
-            return self._check_host(z, _norms(r.tolist()), None, lambda: r)
+            return self._check_host(z, _norms(_compat.tolist(r)), None, lambda: r)
         self._residual = self._active = self._converged = None
         rn = torch.linalg.vector_norm(r, dim=1)
         zn = torch.linalg.vector_norm(z, dim=1) if self.reference is None else self.reference
@@ -241,8 +242,8 @@ class Monitor:
         """
         if not self._host:
             return self.check(z, g - z)
-        z_rows = z.tolist()
-        rn = [math.hypot(*map(operator.sub, g_row, z_row)) for g_row, z_row in zip(g.tolist(), z_rows)]
+        z_rows = _compat.tolist(z)
+        rn = [math.hypot(*map(operator.sub, g_row, z_row)) for g_row, z_row in zip(_compat.tolist(g), z_rows)]
         return self._check_host(z, rn, z_rows, lambda: g - z)
 
     def _check_host(
@@ -255,7 +256,7 @@ class Monitor:
         """:meth:`check` given the residual norms (and ``z``'s values, read here if not given)."""
         self._residual = self._active = self._converged = None
         if z_rows is None and (self._reference is None or self.track_best):
-            z_rows = z.tolist()
+            z_rows = _compat.tolist(z)
         zn = self._reference if self._reference is not None else _norms(z_rows)  # type: ignore[arg-type]
         if self.track_best:
             self._keep_best_host(z_rows, rn)  # type: ignore[arg-type]

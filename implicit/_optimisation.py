@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
+
+from . import _compat
 
 __all__ = [
     "LeastSquaresObjective",
@@ -42,7 +43,7 @@ __all__ = [
 
 def plain_autograd() -> bool:
     """Whether a gradient can be taken by ``torch.autograd.grad`` here (see the module docstring)."""
-    return not torch._C._are_functorch_transforms_active() and fwAD._current_level < 0
+    return not _compat.transforms_active() and not _compat.forward_ad_active()
 
 
 @contextlib.contextmanager

@@ -208,7 +208,13 @@ class System:
     for a fixed-point problem), so every solver can run every problem and
     ``G(z) = z - F(z)`` holds throughout. Each call validates what the user's
     function returned and counts one evaluation in :attr:`nfe`.
+
+    :attr:`records_graph` tells a Newton-type solver that ``residual`` can be
+    evaluated with its graph to linearise it (a system without it, such as an
+    adjoint's linear system, supplies its products through ``residual_jvp``).
     """
+
+    records_graph = True
 
     def __init__(self, problem: ImplicitProblem, structure: Structure) -> None:
         self.problem = problem
@@ -457,6 +463,12 @@ class System:
         if self.problem.form in ("argmin", "least_squares") and plain_autograd():
             _, grad, hvp = self.value_grad_hvp(z)
             return grad, hvp(v)
+        if torch.is_inference_mode_enabled():
+            # Outside inference mode (with no graph: it would save inference tensors), where
+            # PyTorch 2.2's forward mode gives zero tangents.
+            with torch.inference_mode(False), torch.no_grad():
+                out, tangent = torch.func.jvp(self.residual, (z,), (v,))[:2]
+            return out, tangent
         out, tangent = torch.func.jvp(self.residual, (z,), (v,))[:2]
         return out, tangent
 

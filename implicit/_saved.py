@@ -33,9 +33,11 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import _compat
+
 __all__ = ["SharedSaves", "evaluate_without_saving", "modified_in_place"]
 
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_top_hooks = _compat.top_saved_tensors_hooks
 
 
 class _Slot:
@@ -94,7 +96,7 @@ class SharedSaves:
         transform is active), the caller has hooks of their own, or they
         cannot be read (PyTorch before they could be).
         """
-        if _top_hooks is None or not torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
+        if _top_hooks is None or not _compat.saved_tensors_hooks_enabled():
             return None
         if _top_hooks(False) is not None:
             return None
@@ -241,8 +243,7 @@ def evaluate_without_saving(
 
 
 def _autocast_enabled() -> bool:
-    is_any = getattr(torch._C, "_is_any_autocast_enabled", None)
-    return True if is_any is None else bool(is_any())
+    return _compat.any_autocast_enabled()
 
 
 class _Recomputed:

@@ -40,7 +40,9 @@ def non_negative(name: str, value: Any) -> float:
     return float(value)
 
 
-def interval(name: str, value: Any, low: float, high: float, *, low_open: bool = True, high_open: bool = False) -> float:
+def interval(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = True, high_open: bool = False
+) -> float:
     """``value`` as a ``float`` in the interval from ``low`` to ``high`` (``(0, 1]`` by default)."""
     ok = _real(value) and not math.isnan(value)
     if ok:

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from ._transforms import VMAP_UNSUPPORTED, vmapped
 
 __all__ = ["Structure"]
 
 
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_wrapped = _compat.is_wrapped
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -201,7 +202,9 @@ class Structure:
     def _concatenate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.batched:
             if not self._all_rows:
-                tensors = [t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)]
+                tensors = [
+                    t if row else t.reshape(self.batch, n) for t, n, row in zip(tensors, self.sizes, self._is_row)
+                ]
             flat = torch.cat(tensors, dim=1)
         else:
             if not self._all_rows:
@@ -249,16 +252,18 @@ class Structure:
             tensors = [out[k] for k in self.keys]
         else:
             if not isinstance(out, (tuple, list)) or len(out) != len(self.keys):
-                got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+                got = (
+                    f"{type(out).__name__} of length {len(out)}"
+                    if isinstance(out, (tuple, list))
+                    else type(out).__name__
+                )
                 raise ValueError(f"{what} returned {got}; expected a {self.kind} of length {len(self.keys)} as in z0")
             tensors = list(out)
         for name, shape, t in zip(self.names, self.shapes, tensors):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{what} returned {name} of type {type(t).__name__}; expected a tensor")
             if t.shape != shape:
-                raise ValueError(
-                    f"{what} returned {name} with shape {_shape(t.shape)}; expected {shape} as in z0"
-                )
+                raise ValueError(f"{what} returned {name} with shape {_shape(t.shape)}; expected {shape} as in z0")
             if t.dtype != self.dtype:
                 raise ValueError(f"{what} returned {name} with dtype {t.dtype}; expected {self.dtype} as in z0")
             if t.device != self.device:

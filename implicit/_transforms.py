@@ -15,9 +15,9 @@ import contextlib
 
 import torch
 
-__all__ = ["VMAP_UNSUPPORTED", "no_tangents", "plain", "vmapped"]
+from . import _compat
 
-_functorch = torch._C._functorch
+__all__ = ["VMAP_UNSUPPORTED", "no_tangents", "plain", "vmapped"]
 
 VMAP_UNSUPPORTED = (
     "implicit cannot solve under torch.func.vmap: {where} is batched by vmap, and a solver "
@@ -37,10 +37,10 @@ def vmapped(t: torch.Tensor) -> bool:
     forward-mode duals) down to the plain tensor. A forward-mode tangent that
     is batched (``jacfwd``) leaves the primal unbatched and is not reported.
     """
-    while _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
+    while _compat.is_wrapped(t):
+        if _compat.is_batched(t):
             return True
-        t = _functorch.get_unwrapped(t)
+        t = _compat.unwrapped(t)
     return False
 
 
@@ -52,17 +52,13 @@ def no_tangents() -> contextlib.AbstractContextManager[object]:
     derivative), at the cost of a second pass per evaluation. Outside forward
     mode nothing changes, so a map that uses ``forward_ad`` itself still can.
     """
-    from torch.autograd import forward_ad
-
-    stack = _functorch.get_interpreter_stack() or []
-    jvp = any(interpreter.key() == _functorch.TransformType.Jvp for interpreter in stack)
-    if forward_ad._current_level >= 0 or jvp:
-        return forward_ad._set_fwd_grad_enabled(False)
+    if _compat.forward_ad_active() or _compat.jvp_transform_active():
+        return _compat.forward_grad_disabled()
     return contextlib.nullcontext()
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
     """The values of ``t`` without the wrappers of ``torch.func`` transforms (vmap's batching kept)."""
-    while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
-        t = _functorch.get_unwrapped(t)
+    while _compat.is_wrapped(t) and not _compat.is_batched(t):
+        t = _compat.unwrapped(t)
     return t

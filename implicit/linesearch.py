@@ -11,7 +11,9 @@ evaluated at their last accepted point by the batched call but never change.
   sufficient decrease and small curvature, ``φ(α) ≤ φ(0) + c₁ α φ'(0)`` and
   ``|φ'(α)| ≤ c₂ |φ'(0)|`` (what quasi-Newton updates need for ``sᵀy > 0``);
 * :func:`backtracking` needs values only and returns steps with sufficient
-  decrease (Armijo's condition), shrinking a trial step geometrically.
+  decrease (Armijo's condition), shrinking a trial step geometrically;
+* :func:`residual_backtracking` is the search of Newton's method for
+  ``F(z) = 0``: halving a Newton step until ``‖F‖`` decreases enough.
 
 Each costs one host synchronisation per trial (to stop when every row has
 settled).
@@ -24,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LineSearchResult", "backtracking", "strong_wolfe"]
+__all__ = ["LineSearchResult", "ResidualStep", "backtracking", "residual_backtracking", "strong_wolfe"]
 
 ValueAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,6 +50,26 @@ class LineSearchResult(NamedTuple):
     value: torch.Tensor
     grad: torch.Tensor | None
     success: torch.Tensor
+    evaluations: int
+
+
+class ResidualStep(NamedTuple):
+    """The outcome of :func:`residual_backtracking`.
+
+    Attributes:
+        step: The step length per row, ``(B,)`` (zero where the row did not move).
+        z: The new iterate, ``(B, N)``.
+        residual: ``F`` there, ``(B, N)``.
+        full: Whether every row that moved took the full step on the first trial
+            (so a linearisation recorded at ``z + d`` is the one at :attr:`z`).
+        evaluations: The number of batched evaluations of ``F`` made (the
+            first trial's, when given as ``first``, not counted).
+    """
+
+    step: torch.Tensor
+    z: torch.Tensor
+    residual: torch.Tensor
+    full: bool
     evaluations: int
 
 
@@ -324,3 +346,82 @@ def backtracking(
         settled = settled | accept
         alpha = alpha * shrink
     return LineSearchResult(best_a, x + best_a[:, None] * direction, best_f, None, success, evaluations)
+
+
+def residual_backtracking(
+    residual: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    f: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    active: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
+    c1: float = 1e-4,
+    max_backtracks: int = 10,
+) -> ResidualStep:
+    """Halves a Newton step for ``F(z) = 0`` per row until ``‖F‖`` decreases enough.
+
+    Row ``b`` tries ``λ = 1, ½, ¼, …`` until
+    ``‖F(z + λd)‖ ≤ (1 − c₁λ) ‖F(z)‖`` (Armijo's condition on the merit
+    function ``‖F‖`` along a Newton direction, whose slope there is
+    ``−‖F‖``). A row that finds none within ``max_backtracks`` halvings
+    takes the shortest step if it lowered ``‖F‖`` at all, and otherwise
+    stays where it is. A trial whose ``F`` is not finite is taken and ends
+    the row's search: the solver's next convergence check then names the
+    variable, as every solver reports the first non-finite value it meets.
+
+    Args:
+        residual: ``F`` on ``(B, N)`` tensors, rows independent.
+        z: The iterate, ``(B, N)``.
+        f: ``F(z)``, ``(B, N)``.
+        direction: The Newton direction ``d``, ``(B, N)``.
+        active: Optional ``(B,)`` bool mask; other rows stay where they are.
+        first: ``F(z + d)`` where the caller has it already (a Newton solver
+            evaluates the full step with its graph, for the next step's
+            linearisation).
+        c1: Sufficient-decrease constant, in ``(0, 1)``.
+        max_backtracks: The most halvings, an int ``≥ 0``.
+
+    Returns:
+        A :class:`ResidualStep`.
+
+    Examples:
+        >>> import torch
+        >>> from implicit.linesearch import residual_backtracking
+        >>> F = lambda z: torch.atan(z)  # Newton's full step overshoots from z = 2
+        >>> z = torch.tensor([[2.0], [0.5]], dtype=torch.float64)
+        >>> d = -torch.atan(z) * (1 + z**2)
+        >>> res = residual_backtracking(F, z, F(z), d)
+        >>> res.step.tolist(), res.full
+        ([0.5, 1.0], False)
+    """
+    if not 0 < c1 < 1:
+        raise ValueError(f"c1 must lie in (0, 1); got {c1!r}")
+    if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) or max_backtracks < 0:
+        raise ValueError(f"max_backtracks must be an int >= 0; got {max_backtracks!r}")
+    fn = torch.linalg.vector_norm(f, dim=1)
+    lam = torch.ones_like(fn)
+    decided = torch.zeros_like(fn, dtype=torch.bool) if active is None else ~active
+    taken = torch.zeros_like(fn)
+    z_new, f_new = z, f
+    evaluations = 0
+    for trial in range(max_backtracks + 1):
+        z_try = z + lam[:, None] * direction
+        if trial == 0 and first is not None:
+            f_try = first
+        else:
+            f_try = residual(z_try)
+            evaluations += 1
+        fn_try = torch.linalg.vector_norm(f_try, dim=1)
+        accept = ((fn_try <= (1 - c1 * lam) * fn) | ~torch.isfinite(fn_try)) & ~decided
+        if trial == max_backtracks:
+            accept = accept | ((fn_try < fn) & ~decided)
+        z_new = torch.where(accept[:, None], z_try, z_new)
+        f_new = torch.where(accept[:, None], f_try, f_new)
+        taken = torch.where(accept, lam, taken)
+        decided = decided | accept
+        if trial == max_backtracks or bool(decided.all()):
+            # After the first trial every row still moving took the full step.
+            return ResidualStep(taken, z_new, f_new, trial == 0 and bool(decided.all()), evaluations)
+        lam = torch.where(decided, lam, 0.5 * lam)
+    raise AssertionError("unreachable")  # pragma: no cover

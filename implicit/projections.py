@@ -49,7 +49,9 @@ def _per_variable(z: Any, fn: Callable[..., torch.Tensor], **params: Any) -> Any
     if isinstance(z, torch.Tensor):
         for name, value in params.items():
             if isinstance(value, (Mapping, tuple, list)):
-                raise TypeError(f"{name} is a {type(value).__name__} but z is a single tensor; pass a number or a tensor")
+                raise TypeError(
+                    f"{name} is a {type(value).__name__} but z is a single tensor; pass a number or a tensor"
+                )
         return fn(z, None, **params)
     if isinstance(z, Mapping):
         keys: list[Any] = list(z.keys())

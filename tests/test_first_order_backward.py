@@ -12,6 +12,7 @@ from problems import two_variable_map, two_variable_params, two_variable_z0
 from reference import ift_grads, picard, saved_bytes
 
 import implicit
+from implicit import _compat
 from implicit._saved import evaluate_without_saving
 
 f64 = torch.float64
@@ -173,7 +174,9 @@ def test_the_two_evaluations_share_saved_tensors_and_backward_evaluates_nothing(
     z = solve()
     calls = 0
     grads = torch.autograd.grad((z * c).sum(), [w, x])
-    assert calls == 0  # nothing evaluated again
+    # Nothing evaluated again; on PyTorch 2.2, which cannot tell whether the caller has
+    # saved-tensor hooks, the first evaluation keeps nothing and is evaluated once again.
+    assert calls == (0 if _compat.top_saved_tensors_hooks is not None else 1)
     for got, want in zip(grads, ref):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     # Under hooks of the caller's own, the first evaluation keeps nothing (it is evaluated
@@ -293,7 +296,12 @@ def test_an_adjoint_that_stops_short_is_corrected_by_the_inner_step() -> None:
 
     params, z0, c = _mlp_problem()
     z = implicit.fixed_point(
-        lambda z: _one_layer(z, params), z0, batched=True, solver="fixed_point", adjoint=StopsShortOnce, tol=1e-12,
+        lambda z: _one_layer(z, params),
+        z0,
+        batched=True,
+        solver="fixed_point",
+        adjoint=StopsShortOnce,
+        tol=1e-12,
         max_iter=500,
     )
     grads = torch.autograd.grad((z * c).sum(), params)

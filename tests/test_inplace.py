@@ -15,9 +15,23 @@ from problems import contraction, f64
 from reference import ift_grads
 
 import implicit
+from implicit import _compat
 from implicit._saved import evaluate_without_saving
 
 MODIFIED = "modified in place after the solve"
+# PyTorch 2.2 cannot tell whether the caller has saved-tensor hooks, so the second evaluation
+# at the solution saves as plain autograd does, and a change is caught by autograd's own check.
+NAMED = _compat.top_saved_tensors_hooks is not None
+AUTOGRAD = "modified by an inplace operation"
+
+
+# These maps' Jacobians are is not symmetric: the symmetric adjoints (cg, minres) do not apply.
+GENERAL_ADJOINTS = [a for a in ADJOINTS if not implicit.get_adjoint(a).symmetric]
+
+
+def _named(pattern: str) -> str:
+    """The library's message naming the tensor, or (where it cannot name it) autograd's own."""
+    return pattern if NAMED else f"{pattern}|{AUTOGRAD}"
 
 
 def _setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,36 +62,38 @@ def _loss(z: dict[str, torch.Tensor]) -> torch.Tensor:
     return (z["h"] ** 2).sum() + z["s"].sum()
 
 
-@pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
 def test_a_parameter_modified_in_place_raises_and_names_it(adjoint: str) -> None:
     W, x = _setup()
     sol = _solve(_map(W, x), adjoint)
     with torch.no_grad():
         W.mul_(1.5)
-    with pytest.raises(RuntimeError, match=f"tensor 'W' \\(shape \\(5, 5\\), dtype torch.float64\\) was {MODIFIED}"):
+    with pytest.raises(
+        RuntimeError, match=_named(f"tensor 'W' \\(shape \\(5, 5\\), dtype torch.float64\\) was {MODIFIED}")
+    ):
         _loss(sol.z).backward()
     assert W.grad is None
 
 
-@pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
 def test_a_closed_over_input_modified_in_place_raises(adjoint: str) -> None:
     W, x = _setup(1)
     x.requires_grad_()
     sol = _solve(_map(W, x), adjoint)
     with torch.no_grad():
         x.add_(0.1)
-    with pytest.raises(RuntimeError, match=f"tensor 'x' .* was {MODIFIED}"):
+    with pytest.raises(RuntimeError, match=_named(f"tensor 'x' .* was {MODIFIED}")):
         _loss(sol.z).backward()
 
 
-@pytest.mark.parametrize("adjoint", ADJOINTS)
+@pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
 def test_a_non_leaf_input_modified_in_place_raises(adjoint: str) -> None:
     W, x0 = _setup(2)
     encoder = torch.nn.Linear(5, 5, dtype=f64)
     x = encoder(x0)  # requires grad, not a leaf
     sol = _solve(_map(W, x), adjoint)
     x.mul_(2.0)  # recorded by autograd, as a non-leaf may be
-    with pytest.raises(RuntimeError, match=f"tensor 'x' .* was {MODIFIED}"):
+    with pytest.raises(RuntimeError, match=_named(f"tensor 'x' .* was {MODIFIED}")):
         _loss(sol.z).backward()
 
 
@@ -95,8 +111,6 @@ class _Cell(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-# A DEQ's Jacobian is not symmetric: the symmetric adjoints (cg, minres) do not apply.
-GENERAL_ADJOINTS = [a for a in ADJOINTS if not implicit.get_adjoint(a).symmetric]
 
 
 @pytest.mark.parametrize("adjoint", GENERAL_ADJOINTS)
@@ -109,7 +123,7 @@ def test_optimizer_step_before_backward_raises_and_names_the_parameter(adjoint: 
     opt.step()
     z = layer(x)
     opt.step()  # the classic mistake: the step between forward and backward
-    with pytest.raises(RuntimeError, match=f"parameter 'cell.lin.weight' .* was {MODIFIED}.*optimizer.step"):
+    with pytest.raises(RuntimeError, match=_named(f"parameter 'cell.lin.weight' .* was {MODIFIED}.*optimizer.step")):
         z.pow(2).sum().backward()
 
 
@@ -148,7 +162,7 @@ def test_a_second_backward_after_a_change_raises(adjoint: str) -> None:
     (first,) = torch.autograd.grad(loss, W, retain_graph=True)
     with torch.no_grad():
         W.sub_(0.01 * first)
-    with pytest.raises(RuntimeError, match=MODIFIED):
+    with pytest.raises(RuntimeError, match=_named(MODIFIED)):
         torch.autograd.grad(loss, W)
 
 

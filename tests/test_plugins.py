@@ -47,13 +47,23 @@ def _install_by_hand(src: Path, site: Path) -> None:
     (dist / "entry_points.txt").write_text("\n".join(lines))
 
 
+def _can_build_wheels() -> bool:
+    """Whether pip can build the plugin without an index: setuptools with ``bdist_wheel`` (its own since 70.1, else ``wheel``)."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    return (
+        importlib.util.find_spec("wheel") is not None
+        or importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+    )
+
+
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding implicit-extra as installed by pip (and nothing else)."""
     base = tmp_path_factory.mktemp("plugin")
     src, site = base / "src", base / "site"
     shutil.copytree(PLUGIN_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    if importlib.util.find_spec("setuptools") is not None:
+    if _can_build_wheels():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
         cmd += ["--target", str(site), str(src)]
         env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_WARN_SCRIPT_LOCATION="1")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _compat
 from .._adjoint import AdjointSolver, LinearOperator
 from .._monitor import Monitor
 from .._registry import register_adjoint
@@ -52,7 +53,7 @@ class ExactAdjoint(AdjointSolver):
         x = torch.where(singular[:, None], torch.full_like(x.squeeze(-1), float("nan")), x.squeeze(-1))
         monitor.check(x, x - (m @ x.unsqueeze(-1)).squeeze(-1) - b)
         if monitor.nonfinite and bool(singular.any()):
-            samples = singular.nonzero().flatten().tolist()
+            samples = _compat.tolist(singular.nonzero().flatten())
             monitor.message = (
                 f"I - ∂G/∂z is singular for sample{'s' if len(samples) > 1 else ''} {samples[:8]}"
                 f"{'...' if len(samples) > 8 else ''} (no solution of the adjoint equation there); "

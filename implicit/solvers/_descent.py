@@ -51,9 +51,7 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive number; got {value!r}")
 
 
-def forcing(
-    gn: torch.Tensor, threshold: torch.Tensor, active: torch.Tensor, eta_max: float
-) -> torch.Tensor:
+def forcing(gn: torch.Tensor, threshold: torch.Tensor, active: torch.Tensor, eta_max: float) -> torch.Tensor:
     """The inner solve's absolute residual target per row: ``η ‖g‖`` with ``η = min(η_max, √‖g‖)``.
 
     ``√‖g‖`` gives superlinear convergence of truncated Newton (Nocedal and

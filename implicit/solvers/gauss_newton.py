@@ -99,7 +99,14 @@ class GaussNewton(Solver):
             slope = (d * g).sum(1)
             step = torch.where(fallback, torch.clamp(1 / gn, max=1.0), torch.ones_like(gn))
             res = backtracking(
-                system.objective, z, f, slope, d, step=step, c1=self.c1, max_iter=self.max_linesearch,
+                system.objective,
+                z,
+                f,
+                slope,
+                d,
+                step=step,
+                c1=self.c1,
+                max_iter=self.max_linesearch,
                 active=active,
             )
             z = res.x

@@ -172,6 +172,14 @@ class LBFGS(Solver):
         d = torch.where(steepest[:, None], -g, d)
         step = torch.where(steepest, torch.clamp(1 / gn, max=1.0), torch.ones_like(gn))
         return strong_wolfe(
-            system.value_and_grad, z, f, g, d, step=step, c1=self.c1, c2=self.c2,
-            max_iter=self.max_linesearch, active=active,
+            system.value_and_grad,
+            z,
+            f,
+            g,
+            d,
+            step=step,
+            c1=self.c1,
+            c2=self.c2,
+            max_iter=self.max_linesearch,
+            active=active,
         )

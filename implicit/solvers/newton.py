@@ -9,50 +9,43 @@ import torch
 
 from .._monitor import Monitor
 from .._problem import System
-from .._products import record_privately
+from .._products import ResidualGraph, recordable
 from .._registry import register_solver
 from .._solver import Solver
+from ..linesearch import residual_backtracking
 
 __all__ = ["Newton"]
 
 
-class _Linearisation:
+class _Linearisation(ResidualGraph):
     """``F(z)`` and its Jacobian per sample, ``(B, N, N)``, at one iterate.
 
-    For a problem's own residual, ``F`` is evaluated once with its graph and
+    With a graph of ``F`` (see :class:`~implicit._products.ResidualGraph`)
     the Jacobian's rows are ``N`` vector-Jacobian products through it,
     batched into one backward pass (``is_grads_batched``, as
     ``torch.func.jacrev`` does; a basis vector repeated over the batch
-    gives that row of every sample's block). Elsewhere (under a
+    gives that row of every sample's block). Without one (under a
     ``torch.func`` transform, or a linear system handed over by an adjoint)
     the columns are ``N`` forward-mode products.
     """
 
     def __init__(self, system: System, z: torch.Tensor, hooks: bool | None) -> None:
-        self.system, self.z, self.hooks = system, z, hooks
-        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
-        if type(system) is System and torch._C._functorch.maybe_current_level() is None:
-            with torch.enable_grad():
-                zz = z.detach().requires_grad_()
-                f, self.hooks = record_privately(system.residual, zz, hooks)
-            self._graph = (zz, f)
-            self.value = f.detach()
-        else:
-            self.value = system.residual(z)
+        super().__init__(system.residual, z, hooks, record=recordable(system))
+        self.system = system
 
     def jacobian(self) -> torch.Tensor:
         batch, size = self.z.shape
         basis = torch.eye(size, dtype=self.z.dtype, device=self.z.device)[:, None, :].expand(size, batch, size)
-        if self._graph is not None and self._graph[1].requires_grad:
-            zz, f = self._graph
-            with torch.enable_grad():
+        if self.graph is not None:
+            zz, f = self.graph
+            if not f.requires_grad:  # F does not depend on z
+                return self.z.new_zeros(batch, size, size)
+            with self.outside_inference(), self.saved_privately(), torch.enable_grad():
                 try:
                     (rows,) = torch.autograd.grad(f, zz, basis, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an operation without a batching rule: one product per row
                     rows = torch.stack([torch.autograd.grad(f, zz, e, retain_graph=True)[0] for e in basis])
             return rows.transpose(0, 1).to(self.z.dtype)
-        if self._graph is not None:  # F does not depend on z
-            return self.z.new_zeros(batch, size, size)
         cols = [self.system.residual_jvp(self.z, e)[1].to(self.z.dtype) for e in basis]
         return torch.stack(cols, dim=-1)
 
@@ -171,26 +164,14 @@ class Newton(Solver):
         full = _Linearisation(system, z + d, hooks)
         if not self.line_search:
             return z + d, full.value, full
-        fn = torch.linalg.vector_norm(f, dim=1)
-        lam = torch.ones_like(fn)
-        decided = ~active
-        z_new, f_new = z, f
-        for trial in range(self.max_backtracks + 1):
-            z_try = z + lam[:, None] * d
-            f_try = full.value if trial == 0 else system.residual(z_try)
-            fn_try = torch.linalg.vector_norm(f_try, dim=1)
-            accept = (fn_try <= (1 - self.armijo * lam) * fn) & ~decided
-            if trial == self.max_backtracks:
-                # Out of halvings: keep the shortest step if it lowers ‖F‖ at all (NaN does not).
-                accept = accept | ((fn_try < fn) & ~decided)
-            z_new = torch.where(accept[:, None], z_try, z_new)
-            f_new = torch.where(accept[:, None], f_try, f_new)
-            decided = decided | accept
-            if bool(decided.all()):
-                # After the first trial every moving sample took the full step (a converged one
-                # has d = 0): the linearisation recorded at z + d is the one at the new iterate.
-                return z_new, f_new, full if trial == 0 else None
-            if trial == self.max_backtracks:
-                break
-            lam = torch.where(decided, lam, 0.5 * lam)
-        return z_new, f_new, None
+        step = residual_backtracking(
+            system.residual,
+            z,
+            f,
+            d,
+            active=active,
+            first=full.value,
+            c1=self.armijo,
+            max_backtracks=self.max_backtracks,
+        )
+        return step.z, step.residual, full if step.full else None

@@ -105,8 +105,16 @@ class NewtonCG(Solver):
             d = torch.where(fallback[:, None], -g, d)
             step = torch.where(fallback, torch.clamp(1 / gn, max=1.0), torch.ones_like(gn))
             res = strong_wolfe(
-                system.value_and_grad, z, f, g, d, step=step, c1=self.c1, c2=self.c2,
-                max_iter=self.max_linesearch, active=active,
+                system.value_and_grad,
+                z,
+                f,
+                g,
+                d,
+                step=step,
+                c1=self.c1,
+                c2=self.c2,
+                max_iter=self.max_linesearch,
+                active=active,
             )
             steepest = active & ~res.success
             # The Hessian's products at the new iterate come from one more evaluation, with its graph.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,76 +10,44 @@ import torch
 from .._krylov import default_restart, gmres
 from .._monitor import Monitor
 from .._problem import System
-from .._products import JacobianFromGraph, private_saved_tensors, record_privately
+from .._products import ResidualGraph, recordable
 from .._registry import register_solver
 from .._settings import boolean, integer, interval, one_of, set_options
 from .._solver import Solver
+from ..linesearch import residual_backtracking
 
 __all__ = ["NewtonKrylov"]
 
 _FORCING = ("eisenstat_walker", "constant")
 
 
-class _JacobianProduct:
+class _JacobianProduct(ResidualGraph):
     """``v ↦ (∂F/∂z) v`` at ``z`` for the inner solve of one Newton step.
 
     ``F`` is evaluated once at ``z`` with its graph and each product is the
     derivative of a vector-Jacobian product (:class:`JacobianFromGraph`):
     about one evaluation's cost, against three to five for a forward-mode
     evaluation. Forward mode (``torch.func.jvp``) remains where no graph can
-    be recorded (under a ``torch.func`` transform) or where an operation of
-    ``F`` has no double backward. ``nfe`` counts evaluations of ``F``: the
-    recorded one, and each forward-mode product; a product through the graph
-    evaluates nothing. The recorded evaluation is also ``F(z)`` itself
-    (:attr:`value`): the line search's full step is evaluated this way, and
-    when every sample takes it the next Newton step needs no evaluation.
+    be recorded (see :class:`~implicit._products.ResidualGraph`) or where an
+    operation of ``F`` has no double backward. ``nfe`` counts evaluations of
+    ``F``: the recorded one, and each forward-mode product; a product through
+    the graph evaluates nothing. The recorded evaluation is also ``F(z)``
+    itself (:attr:`value`): the line search's full step is evaluated this
+    way, and when every sample takes it the next Newton step needs no
+    evaluation.
     """
 
     def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
-        self.system, self.z = system, z
-        self.graph: JacobianFromGraph | None = None
-        # Whether F runs under saved-tensor hooks: None until tried (see record_privately).
-        self.hooks = hooks
-        # (A linear system from an adjoint has its products already: residual_jvp.)
-        # Under torch.inference_mode() no graph is recorded unless it is left
-        # for the recording (the iterate, an inference tensor, is copied out);
-        # a map that reads inference tensors it would save (an input made
-        # there) cannot be recorded, and its products come from forward mode.
-        self.inference = torch.is_inference_mode_enabled()
-        if type(system) is System and torch._C._functorch.maybe_current_level() is None:
-            try:
-                with _outside_inference(self.inference), torch.enable_grad():
-                    zz = (z.clone() if self.inference else z.detach()).requires_grad_()
-                    # F may refuse saved-tensor hooks (torch.func.grad inside): see record_privately.
-                    f, self.hooks = record_privately(self.system.residual, zz, self.hooks)
-                    self.graph = JacobianFromGraph(zz, f)
-            except RuntimeError:
-                if not self.inference:
-                    raise
-                self.value = system.residual(z)
-            else:
-                self.value = f.detach()
-        else:
-            self.value = system.residual(z)
+        super().__init__(system.residual, z, hooks, record=recordable(system))
+        self.system = system
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None:
-            try:
-                with _outside_inference(self.inference), (
-                    private_saved_tensors() if self.hooks else contextlib.nullcontext()
-                ):
-                    out = self.graph(v)
-            except RuntimeError:  # an operation of F without a double backward
-                self.graph = None
-            else:
-                return out.to(self.z.dtype)
+        out = self.jvp(v)
+        if out is not None:
+            return out.to(self.z.dtype)
         # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
         # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
         return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
-
-
-def _outside_inference(inference: bool) -> contextlib.AbstractContextManager[object]:
-    return torch.inference_mode(False) if inference else contextlib.nullcontext()
 
 
 @register_solver("newton_krylov")
@@ -225,32 +192,15 @@ class NewtonKrylov(Solver):
             z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
             product = _JacobianProduct(system, z_new, hooks)
             return z_new, product.value, product
-        lam = torch.ones_like(fn)
-        decided = ~active
-        z_new, f_new = z, f
-        for trial in range(self.max_backtracks + 1):
-            z_try = z + lam[:, None] * d
-            if trial == 0:
-                full = _JacobianProduct(system, z_try, hooks)
-                f_try = full.value
-            else:
-                f_try = system.residual(z_try)
-            fn_try = torch.linalg.vector_norm(f_try, dim=1)
-            accept = (fn_try <= (1 - self.armijo * lam) * fn) & ~decided
-            # A non-finite trial ends the search and is taken, for the monitor to name the
-            # variable at its next check, as every solver reports the first one it meets.
-            accept = accept | (~torch.isfinite(fn_try) & ~decided)
-            if trial == self.max_backtracks:
-                # Out of halvings: keep the shortest step if it lowers ‖F‖ at all (NaN does not).
-                accept = accept | ((fn_try < fn) & ~decided)
-            z_new = torch.where(accept[:, None], z_try, z_new)
-            f_new = torch.where(accept[:, None], f_try, f_new)
-            decided = decided | accept
-            if bool(decided.all()):
-                # After the first trial, every sample still moving took the full step (a
-                # frozen one has d = 0): the iterate is where F's graph was recorded.
-                return z_new, f_new, full if trial == 0 else None
-            if trial == self.max_backtracks:
-                break
-            lam = torch.where(decided, lam, 0.5 * lam)
-        return z_new, f_new, None
+        full = _JacobianProduct(system, z + d, hooks)
+        step = residual_backtracking(
+            system.residual,
+            z,
+            f,
+            d,
+            active=active,
+            first=full.value,
+            c1=self.armijo,
+            max_backtracks=self.max_backtracks,
+        )
+        return step.z, step.residual, full if step.full else None

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import _compat
 from .._monitor import Monitor
 from .._problem import System
 from .._registry import register_solver
@@ -105,7 +106,7 @@ class ScipyRoot(Solver):
         if monitor.check(z, f):
             return z
         assert monitor.active is not None
-        todo = monitor.active.cpu().tolist()
+        todo = _compat.tolist(monitor.active.cpu())
         work = [0] * system.batch
         failure = ""
         for b in range(system.batch):
@@ -191,7 +192,7 @@ def _matrix(t: torch.Tensor) -> np.ndarray:
     # Inside a torch.func transform (grad or jvp over a solve) the values carry
     # the transform's wrappers, and new tensors would be wrapped again: read
     # the values beneath with the transforms switched off.
-    with torch._C._DisableFuncTorch():
+    with _compat.functorch_disabled():
         return plain(t.detach()).to(device="cpu", dtype=torch.float64, copy=True).numpy()
 
 
