@@ -47,10 +47,10 @@ _functorch = torch._C._functorch
 try:  # the engine entry of torch.autograd.grad (PyTorch >= 2.3); None before
     from torch.autograd.graph import _engine_run_backward as engine_run_backward
 except ImportError:  # pragma: no cover - PyTorch 2.2
-    engine_run_backward = None
+    engine_run_backward = None  # type: ignore[assignment]
 
 # The innermost saved-tensor hooks installed by the caller (PyTorch >= 2.3); None before.
-top_saved_tensors_hooks: Callable[[], Any] | None = getattr(
+top_saved_tensors_hooks: Callable[[bool], Any] | None = getattr(
     torch._C._autograd, "_top_saved_tensors_default_hooks", None
 )
 
@@ -124,7 +124,7 @@ def unwrapped(t: torch.Tensor) -> torch.Tensor:
 
 def is_dead_wrapper(t: torch.Tensor) -> bool:
     """Whether ``t`` wraps at a transform level that has exited."""
-    return bool(_functorch.is_dead_tensor_wrapper(t))
+    return bool(_functorch.is_dead_tensor_wrapper(t))  # type: ignore[attr-defined]
 
 
 def unwrap_if_dead(t: torch.Tensor) -> torch.Tensor:
