@@ -115,10 +115,26 @@ class ImplicitLayer:
         )
         self.deq = implicit.nn.DEQ(model.cell, **kwargs)
         self.model = model
+        self.worst: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, cell: Cell, u: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.deq(u)
+        if self.model.training:
+            # The worst residual of a forward solve: of the last iterate, and of the iterate returned
+            # (each sample's best seen), kept as tensors and read once per epoch.
+            stats = self.deq.last_stats
+            last, returned = stats.history[-1].max(), stats.residual.max()
+            self.worst = (
+                (last, returned)
+                if self.worst is None
+                else (torch.maximum(self.worst[0], last), torch.maximum(self.worst[1], returned))
+            )
         return z["h"], z["g"]
+
+    def worst_residuals(self) -> tuple[float, float] | None:
+        """The worst forward residual since the last call, of the last iterates and of those returned."""
+        worst, self.worst = self.worst, None
+        return None if worst is None else (float(worst[0]), float(worst[1]))
 
     def iterations(self) -> tuple[float, float]:
         stats = self.deq.last_stats
@@ -227,7 +243,13 @@ def train(name: str, model: Model, layer: Any, data: tuple[torch.Tensor, ...], e
                 "accuracy": acc,
             }
         )
+        worst = layer.worst_residuals() if hasattr(layer, "worst_residuals") else None
+        rows[-1]["worst_last"], rows[-1]["worst_returned"] = worst if worst is not None else (None, None)
         r = rows[-1]
+        if worst is not None:
+            print(
+                f"{name:9s} epoch {epoch:3d}: worst forward residual, last iterate {worst[0]:.2e}, returned {worst[1]:.2e}"
+            )
         print(
             f"{name:9s} epoch {epoch:3d}: forward {r['forward']:.2f} s (cell {r['cell_seconds']:.2f} s, "
             f"{r['cell_calls']} calls)  backward {r['backward']:.2f} s  step {r['step']:.2f} s  "
