@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 
 import torch
@@ -233,18 +232,6 @@ class Monitor:
         if worst > DIVERGENCE * self._initial:
             return self._stop_diverged(z, r, float(rn.max()))
         return self._decide(worst)
-
-    def check_map(self, z: torch.Tensor, g: torch.Tensor) -> bool:
-        """``check(z, g - z)`` for the value ``g = G(z)`` of a fixed-point map.
-
-        On the host path the difference is taken on the values read, and
-        formed as a tensor only if a non-finite value must be named.
-        """
-        if not self._host:
-            return self.check(z, g - z)
-        z_rows = _compat.tolist(z)
-        rn = [math.hypot(*map(operator.sub, g_row, z_row)) for g_row, z_row in zip(_compat.tolist(g), z_rows)]
-        return self._check_host(z, rn, z_rows, lambda: g - z)
 
     def _check_host(
         self,

@@ -88,10 +88,11 @@ class Solver:
 class IterativeSolver(Solver):
     """A solver made of :meth:`init` and :meth:`step`, sharing one loop.
 
-    Each iteration evaluates either the map (``uses_map = True``; the
-    direction handed to :meth:`step` is ``G(z) - z``) or the residual (the
-    direction is ``F(z)``), checks convergence, and asks :meth:`step` for the
-    next iterate. Samples that have converged are frozen.
+    Each iteration asks :meth:`direction` for the direction at the iterate
+    (by default it evaluates the map, ``uses_map = True``, and hands
+    ``G(z) - z`` on, or the residual ``F(z)``), checks convergence on it, and
+    asks :meth:`step` for the next iterate. Samples that have converged are
+    frozen. Every built-in iterative solver runs this one loop.
 
     This follows the shape of the nonlinear solvers of ``scipy.optimize``
     (``_nonlin.py``): one loop, and a model that proposes each step.
@@ -132,6 +133,24 @@ class IterativeSolver(Solver):
         """
         return None
 
+    def direction(self, system: System, z: torch.Tensor, state: Any) -> torch.Tensor:
+        """The direction at ``z``, on which convergence is checked: ``G(z) - z`` if ``uses_map``, else ``F(z)``.
+
+        Override it to keep what the evaluation gives in ``state`` for the
+        step (the map's value ``G(z)``, say) or to write the direction
+        straight into the step's own buffer; it must evaluate the problem
+        once and return ``G(z) - z`` or ``F(z)``.
+
+        Args:
+            system: The problem as functions of ``(B, N)`` tensors.
+            z: The current iterate, ``(B, N)``.
+            state: What :meth:`init` returned.
+
+        Returns:
+            The direction, ``(B, N)``.
+        """
+        return system.map(z) - z if self.uses_map else system.residual(z)
+
     def step(self, system: System, z: torch.Tensor, r: torch.Tensor, state: Any, monitor: Monitor) -> torch.Tensor:
         """The next iterate from ``z`` and its direction ``r``; may update ``state`` in place.
 
@@ -153,7 +172,7 @@ class IterativeSolver(Solver):
         state = self.init(system, z0)
         z = z0
         while True:
-            r = system.map(z) - z if self.uses_map else system.residual(z)
+            r = self.direction(system, z, state)
             if monitor.check(z, r):
                 return z
             z = monitor.freeze(self.step(system, z, r, state, monitor), z)

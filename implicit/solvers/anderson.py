@@ -80,6 +80,8 @@ class _AndersonState:
         batch, size = z0.shape
         self.slots = slots
         self.k = 0
+        # The views and map value of the direction just computed, for the step that follows.
+        self.pending: tuple[_StepViews, torch.Tensor] | None = None
         # uninitialised: a slot is always written before it is read
         r = z0.new_empty(slots, batch, size)
         g = z0.new_empty(slots, batch, size)
@@ -174,31 +176,24 @@ class Anderson(IterativeSolver):
         # m differences of Walker & Ni's form span m + 1 iterates
         return _AndersonState(z0, self.m + 1, self.lam)
 
-    def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        if type(self).step is not Anderson.step:  # a subclass's own step: the shared loop
-            return super().solve(system, z0, monitor)
-        # The shared loop with the residual written straight into its history
-        # slot: no copy of it per step.
-        state = self.init(system, z0)
-        z = z0
-        while True:
-            v = state.next_views()
-            g = system.map(z)
-            r = torch.sub(g, z, out=v.r_slot)
-            if monitor.check(z, r):
-                return z
-            if self.beta == 1.0:
-                v.g_slot.copy_(g)
-            else:
-                torch.add(z, r, alpha=self.beta, out=v.g_slot)
-            z = monitor.freeze(self._mix(state, v), z)
+    def direction(self, system: System, z: torch.Tensor, state: _AndersonState) -> torch.Tensor:
+        # The residual written straight into its history slot: no copy of it per step.
+        v = state.next_views()
+        g = system.map(z)
+        state.pending = (v, g)
+        return torch.sub(g, z, out=v.r_slot)
 
     def step(
         self, system: System, z: torch.Tensor, r: torch.Tensor, state: _AndersonState, monitor: Monitor
     ) -> torch.Tensor:
-        v = state.next_views()
-        torch.add(z, r, alpha=self.beta, out=v.g_slot)
-        v.r_slot.copy_(r)
+        v, g = state.pending if state.pending is not None else (state.next_views(), None)
+        state.pending = None
+        if r is not v.r_slot:  # a direction computed elsewhere (a subclass's own)
+            v.r_slot.copy_(r)
+        if g is not None and self.beta == 1.0:
+            v.g_slot.copy_(g)
+        else:
+            torch.add(z, r, alpha=self.beta, out=v.g_slot)
         return self._mix(state, v)
 
     @staticmethod

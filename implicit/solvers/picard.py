@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -34,18 +33,18 @@ class FixedPointIteration(IterativeSolver):
     def __post_init__(self) -> None:
         set_options(self, damping=interval("damping", self.damping, 0.0, 1.0))
 
-    def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        if self.damping != 1.0:
-            return super().solve(system, z0, monitor)
-        # Undamped, the map's value is the next iterate: no step to compute.
-        z = z0
-        while True:
-            g = system.map(z)
-            if monitor.check_map(z, g):
-                return z
-            z = monitor.freeze(g, z)
+    def init(self, system: System, z0: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}  # holds the map's value between direction() and step()
 
-    def step(self, system: System, z: torch.Tensor, r: torch.Tensor, state: Any, monitor: Monitor) -> torch.Tensor:
+    def direction(self, system: System, z: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = state["g"] = system.map(z)
+        return g - z
+
+    def step(
+        self, system: System, z: torch.Tensor, r: torch.Tensor, state: dict[str, torch.Tensor], monitor: Monitor
+    ) -> torch.Tensor:
+        g = state.pop("g", None)
         if self.damping == 1.0:
-            return z + r
+            # Undamped, the map's value is the next iterate (when direction() kept it).
+            return g if g is not None else z + r
         return z.add(r, alpha=self.damping)
