@@ -1,6 +1,7 @@
 """Names of solvers and adjoints: built-ins, decorators and entry-point plugins.
 
-Built-in names live in two plain dicts filled when ``implicit`` is imported.
+One :class:`Registry` per kind, :data:`SOLVERS` and :data:`ADJOINTS`, filled
+with the built-in names when ``implicit`` is imported.
 Third-party packages add names through the entry-point groups
 ``implicit.solvers`` and ``implicit.adjoints``; these load lazily, the first
 time a name that is not built in is asked for or the names are listed, so a
@@ -16,12 +17,15 @@ import difflib
 import warnings
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._adjoint import AdjointSolver
 from ._solver import Solver
 
 __all__ = [
+    "ADJOINTS",
+    "SOLVERS",
+    "Registry",
     "RegistryError",
     "available_adjoints",
     "available_solvers",
@@ -34,13 +38,9 @@ __all__ = [
     "register_solver",
 ]
 
-_SOLVERS: dict[str, type[Solver]] = {}
-_ADJOINTS: dict[str, type[AdjointSolver]] = {}
-_GROUPS = {"solver": "implicit.solvers", "adjoint": "implicit.adjoints"}
-_loaded: set[str] = set()
-
 S = TypeVar("S", bound=Solver)
 A = TypeVar("A", bound=AdjointSolver)
+T = TypeVar("T")
 
 
 class RegistryError(ValueError, LookupError):
@@ -67,6 +67,138 @@ def forms_of(cls: type) -> tuple[str, ...]:
 def _suggest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """Names of one kind of plugin (solvers, or adjoints): built-ins, registered classes and entry points.
+
+    Built-in names are filled in when ``implicit`` is imported; the entry
+    points of :attr:`group` load once, the first time a name that is not
+    there is asked for or the names are listed. A registry may fall back to
+    another one (adjoints to solvers: a forward solver serves as an adjoint
+    through an adapter, :meth:`fall_back_to`).
+
+    Args:
+        kind: ``"solver"`` or ``"adjoint"``, as messages call them.
+        base: The class every registered one must subclass.
+        group: The entry-point group of plugins.
+    """
+
+    def __init__(self, kind: str, base: type[T], group: str) -> None:
+        self.kind, self.base, self.group = kind, base, group
+        self.classes: dict[str, type[T]] = {}
+        self._loaded = False
+        self._fallback: tuple[Registry[Any], Callable[[type], type[T]]] | None = None
+
+    def fall_back_to(self, other: Registry[Any], adapt: Callable[[type], type[T]]) -> None:
+        """Serve the names of ``other`` not registered here, as ``adapt(other's class)``."""
+        self._fallback = (other, adapt)
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """A class decorator registering a subclass of :attr:`base` under ``name`` (replacing any earlier one)."""
+
+        def decorate(cls: type[T]) -> type[T]:
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(
+                    f"register_{self.kind}({name!r}) needs a subclass of implicit.{self.base.__name__}; got {cls!r}"
+                )
+            cls.name = name  # type: ignore[attr-defined]
+            self.classes[name] = cls
+            return cls
+
+        return decorate
+
+    def load_plugins(self) -> None:
+        """Load the entry points of :attr:`group` once; a plugin that fails to load only warns."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in entry_points(group=self.group):
+            if ep.name in self.classes or self._builtin_fallback(ep.name):
+                continue
+            try:
+                obj = ep.load()
+                if not (isinstance(obj, type) and issubclass(obj, self.base)):
+                    raise TypeError(f"it points to {obj!r}, not a subclass of implicit.{self.base.__name__}")
+            except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported, not raised
+                warnings.warn(
+                    f"implicit: could not load {self.kind} plugin {ep.name!r} (entry point {ep.value!r} "
+                    f"in group {self.group!r}): {exc!r}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                continue
+            if ep.name not in self.classes:
+                obj.name = ep.name  # type: ignore[attr-defined]
+                self.classes[ep.name] = obj
+
+    def _builtin_fallback(self, name: str) -> bool:
+        """Whether ``name`` is a built-in of the fallback registry (served without loading plugins)."""
+        if self._fallback is None:
+            return False
+        cls = self._fallback[0].classes.get(name)
+        return cls is not None and cls.__module__.startswith(__package__ + ".")
+
+    def available(self) -> list[str]:
+        """Every name, sorted: registered, from plugins, and those served by the fallback."""
+        self.load_plugins()
+        names = set(self.classes)
+        if self._fallback is not None:
+            names |= set(self._fallback[0].available())
+        return sorted(names)
+
+    def get(self, name: str) -> type[T]:
+        """The class registered under ``name``; :class:`RegistryError` listing the names if there is none."""
+        if name not in self.classes and not self._builtin_fallback(name):
+            self.load_plugins()
+        if name in self.classes:
+            return self.classes[name]
+        if self._fallback is not None:
+            other, adapt = self._fallback
+            if name in other.classes or name in other.available():  # built-ins first: no plugin loaded
+                return adapt(other.get(name))
+        names = self.available()
+        raise RegistryError(f"unknown {self.kind} {name!r}{_suggest(name, names)} Available: {', '.join(names)}")
+
+    def make(self, spec: Any, options: Mapping[str, Any] | None = None) -> T:
+        """A configured instance from a name, a class or an instance, with ``options`` (each checked)."""
+        options = dict(options or {})
+        if isinstance(spec, str):
+            return self._instantiate(self.get(spec), options)
+        if isinstance(spec, self.base):
+            if not options:
+                return spec
+            self._instantiate(type(spec), options)  # validate the names
+            return dataclasses.replace(spec, **options)  # type: ignore[type-var,no-any-return]
+        if isinstance(spec, type) and issubclass(spec, self.base):
+            return self._instantiate(spec, options)
+        raise TypeError(
+            f"{self.kind} must be a registered name, a subclass of implicit.{self.base.__name__} or an instance "
+            f"of one; got {spec!r}"
+        )
+
+    def _instantiate(self, cls: type[T], options: Mapping[str, Any]) -> T:
+        known = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else None
+        label = getattr(cls, "name", "") or cls.__name__
+        if known is not None:
+            for key in options:
+                if key not in known:
+                    raise RegistryError(
+                        f"unknown option {key!r} for {self.kind} {label!r}{_suggest(key, known)} "
+                        f"Options: {', '.join(known) if known else '(none)'}"
+                    )
+        try:
+            return cls(**options)
+        except ValueError as exc:  # an invalid value: say whose option it is
+            raise ValueError(f"{self.kind} {label!r}: {exc}") from exc
+
+
+SOLVERS: Registry[Solver] = Registry("solver", Solver, "implicit.solvers")
+ADJOINTS: Registry[AdjointSolver] = Registry("adjoint", AdjointSolver, "implicit.adjoints")
+# The dicts behind them, and the entry-point group of each kind.
+_SOLVERS = SOLVERS.classes
+_ADJOINTS = ADJOINTS.classes
+_GROUPS = {"solver": SOLVERS.group, "adjoint": ADJOINTS.group}
 
 
 def register_solver(name: str) -> Callable[[type[S]], type[S]]:
@@ -102,14 +234,7 @@ def register_solver(name: str) -> Callable[[type[S]], type[S]]:
         0.5
     """
 
-    def decorate(cls: type[S]) -> type[S]:
-        if not (isinstance(cls, type) and issubclass(cls, Solver)):
-            raise TypeError(f"register_solver({name!r}) needs a subclass of implicit.Solver; got {cls!r}")
-        cls.name = name
-        _SOLVERS[name] = cls
-        return cls
-
-    return decorate
+    return SOLVERS.register(name)  # type: ignore[return-value]
 
 
 def register_adjoint(name: str) -> Callable[[type[A]], type[A]]:
@@ -146,48 +271,7 @@ def register_adjoint(name: str) -> Callable[[type[A]], type[A]]:
         (2.0, 'doc_example_long_neumann')
     """
 
-    def decorate(cls: type[A]) -> type[A]:
-        if not (isinstance(cls, type) and issubclass(cls, AdjointSolver)):
-            raise TypeError(f"register_adjoint({name!r}) needs a subclass of implicit.AdjointSolver; got {cls!r}")
-        cls.name = name
-        _ADJOINTS[name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_plugins(kind: str) -> None:
-    """Load the entry points of one group once; a failing plugin only warns."""
-    group = _GROUPS[kind]
-    if group in _loaded:
-        return
-    _loaded.add(group)
-    registry: dict[str, Any] = _SOLVERS if kind == "solver" else _ADJOINTS
-    base = Solver if kind == "solver" else AdjointSolver
-    for ep in entry_points(group=group):
-        if ep.name in registry or (kind == "adjoint" and _builtin_solver(ep.name)):
-            continue
-        try:
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, base)):
-                raise TypeError(f"it points to {obj!r}, not a subclass of implicit.{base.__name__}")
-        except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported, not raised
-            warnings.warn(
-                f"implicit: could not load {kind} plugin {ep.name!r} (entry point {ep.value!r} "
-                f"in group {group!r}): {exc!r}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            continue
-        if ep.name not in registry:
-            obj.name = ep.name
-            registry[ep.name] = obj
-
-
-def _builtin_solver(name: str) -> bool:
-    """Whether ``name`` is a solver of this package (usable as an adjoint without loading plugins)."""
-    cls = _SOLVERS.get(name)
-    return cls is not None and cls.__module__.startswith(__package__ + ".")
+    return ADJOINTS.register(name)  # type: ignore[return-value]
 
 
 def available_solvers() -> list[str]:
@@ -205,8 +289,7 @@ def available_solvers() -> list[str]:
         >>> {"anderson", "broyden", "fixed_point", "newton_krylov", "scipy"} <= set(implicit.available_solvers())
         True
     """
-    _load_plugins("solver")
-    return sorted(_SOLVERS)
+    return SOLVERS.available()
 
 
 def available_adjoints() -> list[str]:
@@ -226,8 +309,7 @@ def available_adjoints() -> list[str]:
         >>> "anderson" in implicit.available_adjoints()  # a forward solver, run on the adjoint equation
         True
     """
-    _load_plugins("adjoint")
-    return sorted(set(_ADJOINTS) | set(available_solvers()))
+    return ADJOINTS.available()
 
 
 def get_solver(name: str) -> type[Solver]:
@@ -258,12 +340,7 @@ def get_solver(name: str) -> type[Solver]:
         ...     print("did you mean 'anderson'?" in str(err))
         True
     """
-    if name not in _SOLVERS:
-        _load_plugins("solver")
-    if name not in _SOLVERS:
-        names = sorted(_SOLVERS)
-        raise RegistryError(f"unknown solver {name!r}{_suggest(name, names)} Available: {', '.join(names)}")
-    return _SOLVERS[name]
+    return SOLVERS.get(name)
 
 
 def get_adjoint(name: str) -> type[AdjointSolver]:
@@ -291,56 +368,16 @@ def get_adjoint(name: str) -> type[AdjointSolver]:
         >>> implicit.get_adjoint("jfb").approximate  # Jacobian-free backprop does not solve the adjoint equation
         True
     """
-    if name not in _ADJOINTS and not _builtin_solver(name):
-        _load_plugins("adjoint")
-    if name in _ADJOINTS:
-        return _ADJOINTS[name]
-    if name in _SOLVERS or name in available_solvers():
-        from .adjoints.from_solver import adjoint_from_solver
-
-        return adjoint_from_solver(_SOLVERS[name])
-    names = available_adjoints()
-    raise RegistryError(f"unknown adjoint {name!r}{_suggest(name, names)} Available: {', '.join(names)}")
-
-
-def _instantiate(cls: type, options: Mapping[str, Any], kind: str) -> Any:
-    known = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else None
-    if known is not None:
-        for key in options:
-            if key not in known:
-                raise RegistryError(
-                    f"unknown option {key!r} for {kind} {getattr(cls, 'name', cls.__name__)!r}{_suggest(key, known)} "
-                    f"Options: {', '.join(known) if known else '(none)'}"
-                )
-    try:
-        return cls(**options)
-    except ValueError as exc:  # an invalid value: say whose option it is
-        raise ValueError(f"{kind} {getattr(cls, 'name', '') or cls.__name__!r}: {exc}") from exc
-
-
-def _make(spec: Any, options: Mapping[str, Any] | None, kind: str, base: type, get: Callable[[str], type]) -> Any:
-    options = dict(options or {})
-    if isinstance(spec, str):
-        return _instantiate(get(spec), options, kind)
-    if isinstance(spec, base):
-        if not options:
-            return spec
-        _instantiate(type(spec), options, kind)  # validate the names
-        return dataclasses.replace(spec, **options)  # type: ignore[type-var]
-    if isinstance(spec, type) and issubclass(spec, base):
-        return _instantiate(spec, options, kind)
-    raise TypeError(
-        f"{kind} must be a registered name, a subclass of implicit.{base.__name__} or an instance of one; got {spec!r}"
-    )
+    return ADJOINTS.get(name)
 
 
 def make_solver(spec: str | Solver | type[Solver], options: Mapping[str, Any] | None = None) -> Solver:
     """A configured :class:`Solver` from a name, a class or an instance, with ``options``."""
-    return _make(spec, options, "solver", Solver, get_solver)
+    return SOLVERS.make(spec, options)
 
 
 def make_adjoint(
     spec: str | AdjointSolver | type[AdjointSolver], options: Mapping[str, Any] | None = None
 ) -> AdjointSolver:
     """A configured :class:`AdjointSolver` from a name, a class or an instance, with ``options``."""
-    return _make(spec, options, "adjoint", AdjointSolver, get_adjoint)
+    return ADJOINTS.make(spec, options)

@@ -10,6 +10,7 @@ import torch
 
 from .._adjoint import AdjointSolver, LinearOperator
 from .._monitor import Monitor
+from .._registry import ADJOINTS, SOLVERS
 from .._solver import Solver
 from .._structure import Structure
 
@@ -47,6 +48,10 @@ class SolverAdjoint(AdjointSolver):
 
     solver_class: ClassVar[type[Solver]]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The class is made at run time: an instance pickles as its solver class and options.
+        return (_rebuild, (self.solver_class, self.options()))
+
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         names = {f.name for f in dataclasses.fields(self.solver_class) if f.init}
         solver = self.solver_class(**{k: v for k, v in self.options().items() if k in names})
@@ -81,3 +86,11 @@ def adjoint_from_solver(solver_class: type[Solver]) -> type[SolverAdjoint]:
         )
         _cache[solver_class] = cls
     return _cache[solver_class]
+
+
+def _rebuild(solver_class: type[Solver], options: dict[str, Any]) -> SolverAdjoint:
+    return adjoint_from_solver(solver_class)(**options)
+
+
+# Every forward solver's name, not taken by an adjoint, names that solver on the adjoint equation.
+ADJOINTS.fall_back_to(SOLVERS, adjoint_from_solver)

@@ -204,8 +204,8 @@ class DEQ(nn.Module):
         check_on_failure(on_failure)
         # Built once here only to reject unknown names and options when the
         # layer is made rather than at its first call; the specs themselves
-        # are kept, since a class made at run time (a solver used as an
-        # adjoint) would not pickle.
+        # are kept (as the user gave them: a name stays a name in repr and
+        # pickles, and may be reassigned) and each call builds from them.
         make_solver(solver, solver_options)
         make_adjoint(adjoint, adjoint_options)
         self.cell = cell
