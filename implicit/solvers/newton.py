@@ -13,6 +13,7 @@ from .._products import ResidualGraph, recordable
 from .._registry import register_solver
 from .._solver import Solver
 from ..linesearch import residual_backtracking
+from ._descent import check_int
 
 __all__ = ["Newton"]
 
@@ -48,11 +49,6 @@ class _Linearisation(ResidualGraph):
             return rows.transpose(0, 1).to(self.z.dtype)
         cols = [self.system.residual_jvp(self.z, e)[1].to(self.z.dtype) for e in basis]
         return torch.stack(cols, dim=-1)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 @register_solver("newton")
@@ -118,8 +114,8 @@ class Newton(Solver):
     def __post_init__(self) -> None:
         if not isinstance(self.line_search, bool):
             raise ValueError(f"line_search must be a bool; got {self.line_search!r}")
-        _check_int("max_backtracks", self.max_backtracks, 0)
-        _check_int("max_size", self.max_size, 1)
+        check_int("max_backtracks", self.max_backtracks, 0)
+        check_int("max_size", self.max_size, 1)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         batch, size = z0.shape
