@@ -101,13 +101,13 @@ class Model(nn.Module):
 class ImplicitLayer:
     """``implicit.nn.DEQ`` around the cell; iterations from its statistics."""
 
-    def __init__(self, model: Model, defaults: bool) -> None:
+    def __init__(self, model: Model, defaults: bool, adjoint: str = "neumann") -> None:
         kwargs: dict[str, Any] = (
             {}
             if defaults
             else {
                 "solver": "anderson",
-                "adjoint": "neumann",
+                "adjoint": adjoint,
                 "tol": 1e-4,
                 "max_iter": 30,
                 "adjoint_options": {"tol": 1e-6, "max_iter": 30},
@@ -265,19 +265,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one epoch each")
     parser.add_argument("--defaults", action="store_true", help="each library's default solvers and tolerances")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--adjoint",
+        default="neumann",
+        help="implicit's adjoint under the shared settings (torchdeq's stays fixed_point_iter)",
+    )
+    parser.add_argument("--only", choices=["implicit", "torchdeq"], help="train one library only")
     args = parser.parse_args(argv)
     epochs = 1 if args.quick else args.epochs
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     data = load()
     initial = Model()
-    runs: list[tuple[str, Callable[[Model], Any]]] = [("implicit", lambda m: ImplicitLayer(m, args.defaults))]
+    runs: list[tuple[str, Callable[[Model], Any]]] = []
+    if args.only != "torchdeq":
+        runs.append(("implicit", lambda m: ImplicitLayer(m, args.defaults, args.adjoint)))
     try:
         import torchdeq  # noqa: F401
-
-        runs.append(("torchdeq", lambda m: TorchdeqLayer(args.defaults)))
     except ImportError:
         print("torchdeq is not installed (pip install torchdeq==0.1.0): implicit alone")
+    else:
+        if args.only != "implicit":
+            runs.append(("torchdeq", lambda m: TorchdeqLayer(args.defaults)))
     totals = {}
     for name, make in runs:
         model = copy.deepcopy(initial)
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {sum(r['backward'] for r in rows):.1f} | {sum(r['step'] for r in rows):.1f} "
             f"| {last['fwd_iters']:.1f} / {last['adj_iters']:.1f} | {100 * last['accuracy']:.2f} % |"
         )
-    if "torchdeq" in totals:
+    if "torchdeq" in totals and "implicit" in totals:
         ratio = totals["implicit"][0] / totals["torchdeq"][0]
         print(f"\nimplicit / torchdeq training time: {ratio:.2f}x")
 
