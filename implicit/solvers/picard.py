@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._settings import interval, set_options
 from .._solver import IterativeSolver
+from ..plugin import Monitor, System
 
 __all__ = ["FixedPointIteration"]
 
