@@ -98,7 +98,8 @@ class Chord(Solver):
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         check_dense_size(self.name or "chord", z0, self.max_size)
-        lin = fresh = Linearisation(system, z0)
+        lin = Linearisation(system, z0)
+        fresh: Linearisation | None = lin  # the linearisation at z, where one was recorded
         z, f = z0, lin.value
         step: Callable[[torch.Tensor], torch.Tensor] | None = None
         taken = 0
