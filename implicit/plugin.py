@@ -14,6 +14,12 @@ library's own classes, which are private and may change:
   products, and the least-squares residuals;
 * :class:`Monitor`: the convergence bookkeeping of one solve.
 
+It also holds the checks that built-in solvers validate their options with
+(:func:`integer`, :func:`non_negative`, :func:`interval`, :func:`one_of`,
+:func:`boolean`, and :func:`set_options` to store what they return on a
+frozen dataclass): each returns the value in a plain Python type and raises
+a ``ValueError`` naming the option, the expected and the actual value.
+
 All three are :func:`typing.runtime_checkable`, so ``isinstance(system,
 implicit.plugin.OptimisationSystem)`` says whether a system has the
 optimisation methods (it checks that the names exist, not their signatures).
@@ -45,7 +51,19 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Monitor", "OptimisationSystem", "System"]
+from ._settings import boolean, integer, interval, non_negative, one_of, set_options
+
+__all__ = [
+    "Monitor",
+    "OptimisationSystem",
+    "System",
+    "boolean",
+    "integer",
+    "interval",
+    "non_negative",
+    "one_of",
+    "set_options",
+]
 
 Tensor = torch.Tensor
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -9,6 +13,7 @@ import torch
 from dense_reference import loss_gradient, relerr
 
 import implicit
+from implicit.solvers import chord
 
 f64 = torch.float64
 
@@ -204,3 +209,15 @@ def test_registered() -> None:
     assert "chord" in implicit.available_solvers()
     Chord = implicit.get_solver("chord")
     assert issubclass(Chord, implicit.Solver) and Chord().refresh is None
+
+
+def test_the_plugin_guide_shows_this_code() -> None:
+    # docs/plugins.md presents the solver, with public imports, as its worked example.
+    page = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text(encoding="utf-8")
+    for fn in (chord.Chord.__post_init__, chord.Chord.solve, chord.Chord._refresh_due):
+        assert textwrap.indent(textwrap.dedent(inspect.getsource(fn)), "    ") in page, fn.__name__
+    assert inspect.getsource(chord._factorise) in page
+    for line in inspect.getsource(chord).splitlines():
+        if line.startswith("from ..") and "import" in line:
+            names = line.split(" import ")[1].split(", ")
+            assert all(name in page for name in names), line

@@ -9,10 +9,9 @@ from typing import ClassVar
 import torch
 
 from .._registry import register_solver
-from .._settings import boolean, integer, set_options
 from .._solver import Solver
 from ..newton import Linearisation, check_dense_size, line_search_step
-from ..plugin import Monitor, System
+from ..plugin import Monitor, System, boolean, integer, set_options
 
 __all__ = ["Chord"]
 
@@ -129,7 +128,7 @@ class Chord(Solver):
 
 
 def _factorise(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rhs ↦ J⁻¹ rhs`` per sample from one LU factorisation of ``J`` ``(B, N, N)``; the pseudo-inverse where one is singular."""
+    """``rhs ↦ J⁻¹ rhs`` per sample from one LU factorisation (the pseudo-inverse if any ``J`` is singular)."""
     lu, pivots, info = torch.linalg.lu_factor_ex(jac)
     if bool((info != 0).any()):
         pinv = torch.linalg.pinv(jac)
