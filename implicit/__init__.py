@@ -2,7 +2,7 @@
 over a dict of tensors, and differentiate through the solution with the
 implicit function theorem."""
 
-from . import adjoints, nn, projections, solvers  # noqa: F401 - importing registers the built-ins
+from . import adjoints, linesearch, newton, nn, plugin, projections, solvers  # noqa: F401 - importing registers the built-ins
 from ._adjoint import AdjointSolver, LinearOperator
 from ._attach import attach, custom_root
 from ._check import CheckReport, Finding, check
@@ -45,7 +45,10 @@ __all__ = [
     "get_adjoint",
     "get_solver",
     "least_squares",
+    "linesearch",
+    "newton",
     "nn",
+    "plugin",
     "projections",
     "register_adjoint",
     "register_solver",

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._monitor import Monitor
 from ._settings import integer, non_negative, set_options
+from .plugin import Monitor
 
 __all__ = ["AdjointSolver", "LinearOperator"]
 

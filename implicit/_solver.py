@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._monitor import Monitor
-from ._problem import System
+from .plugin import Monitor, System
 
 __all__ = ["IterativeSolver", "Solver"]
 
@@ -21,9 +20,11 @@ class Solver:
     validated in ``__post_init__``). Subclasses implement :meth:`solve`, or
     :meth:`init` and :meth:`step` of :class:`IterativeSolver` to share its
     loop. Solvers never build autograd graphs: they run under
-    ``torch.no_grad()`` and see the problem through a :class:`System`, whose
-    ``map(z)`` and ``residual(z)`` act on ``(B, N)`` tensors (row ``b`` is
-    sample ``b``; an unbatched problem has ``B = 1``). Register a subclass with
+    ``torch.no_grad()`` and see the problem through a system
+    (:class:`implicit.plugin.System`), whose ``map(z)`` and ``residual(z)``
+    act on ``(B, N)`` tensors (row ``b`` is sample ``b``; an unbatched
+    problem has ``B = 1``), and report to a monitor
+    (:class:`implicit.plugin.Monitor`). Register a subclass with
     :func:`implicit.register_solver` to make it available by name, or pass
     the class or an instance as ``solver=...``.
 

@@ -8,8 +8,8 @@ import torch
 
 from .. import _compat
 from .._adjoint import AdjointSolver, LinearOperator
-from .._monitor import Monitor
 from .._registry import register_adjoint
+from ..plugin import Monitor
 
 __all__ = ["ExactAdjoint"]
 

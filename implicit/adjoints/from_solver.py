@@ -9,21 +9,25 @@ from typing import Any, ClassVar
 import torch
 
 from .._adjoint import AdjointSolver, LinearOperator
-from .._monitor import Monitor
 from .._registry import ADJOINTS, SOLVERS
 from .._solver import Solver
-from .._structure import Structure
+from ..plugin import Monitor
 
 __all__ = ["LinearSystem", "SolverAdjoint", "adjoint_from_solver"]
 
 
 class LinearSystem:
-    """``x = M x + b`` presented to a forward solver as a :class:`~implicit._problem.System`."""
+    """``x = M x + b`` presented to a forward solver as an :class:`implicit.plugin.System`.
 
-    def __init__(self, op: LinearOperator, b: torch.Tensor, structure: Structure) -> None:
+    It records no graph (:attr:`records_graph` is ``False``): its products
+    with ``I - M`` come from ``op`` through :meth:`residual_jvp`.
+    """
+
+    records_graph = False
+
+    def __init__(self, op: LinearOperator, b: torch.Tensor) -> None:
         self.op = op
         self.b = b
-        self.structure = structure
         self.batch, self.size = b.shape
         self.dtype = b.dtype
         self.device = b.device
@@ -55,7 +59,7 @@ class SolverAdjoint(AdjointSolver):
     def solve(self, op: LinearOperator, b: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         names = {f.name for f in dataclasses.fields(self.solver_class) if f.init}
         solver = self.solver_class(**{k: v for k, v in self.options().items() if k in names})
-        return solver.solve(LinearSystem(op, b, monitor.structure), b, monitor)  # type: ignore[arg-type]
+        return solver.solve(LinearSystem(op, b), b, monitor)
 
 
 _cache: dict[type[Solver], type[SolverAdjoint]] = {}

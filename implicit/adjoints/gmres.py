@@ -8,9 +8,9 @@ import torch
 
 from .._adjoint import AdjointSolver, LinearOperator
 from .._krylov import gmres
-from .._monitor import Monitor
 from .._registry import register_adjoint
 from .._settings import integer, set_options
+from ..plugin import Monitor
 
 __all__ = ["GMRESAdjoint"]
 

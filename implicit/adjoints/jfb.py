@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .._adjoint import AdjointSolver, LinearOperator
-from .._monitor import Monitor
 from .._registry import register_adjoint
+from ..plugin import Monitor
 
 __all__ = ["JacobianFreeAdjoint"]
 

@@ -9,8 +9,8 @@ import torch
 
 from .._adjoint import AdjointSolver, LinearOperator
 from .._cg import minres
-from .._monitor import Monitor
 from .._registry import register_adjoint
+from ..plugin import Monitor
 
 __all__ = ["MINRESAdjoint"]
 

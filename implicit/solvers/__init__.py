@@ -3,6 +3,7 @@
 from . import (
     anderson,
     broyden,
+    chord,
     gauss_newton,
     lbfgs,
     levenberg_marquardt,
@@ -16,6 +17,7 @@ from . import (
 __all__ = [
     "anderson",
     "broyden",
+    "chord",
     "gauss_newton",
     "lbfgs",
     "levenberg_marquardt",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 import torch
+
+from ..plugin import OptimisationSystem, System
 
 __all__ = ["check_int", "check_open_interval", "check_positive", "forcing", "normal_matvec", "require_form"]
 
@@ -16,13 +18,13 @@ _WHAT = {
 }
 
 
-def require_form(system: Any, solver: str, forms: tuple[str, ...]) -> None:
-    """Raise a ``ValueError`` unless ``system`` is a problem of one of ``forms``."""
+def require_form(system: System, solver: str, forms: tuple[str, ...]) -> OptimisationSystem:
+    """``system`` as an optimisation problem's, or a ``ValueError`` unless its form is one of ``forms``."""
     form = getattr(system, "form", None)
     if form is None:  # a linear system of the backward pass, handed to a forward solver
         form = "linear (an adjoint equation)"
     if form in forms:
-        return
+        return cast(OptimisationSystem, system)
     accepted = " and ".join(_WHAT[f] for f in forms)
     if form in ("root", "fixed_point"):
         hint = (

@@ -8,11 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._settings import integer, interval, non_negative, set_options
 from .._solver import IterativeSolver
+from ..plugin import Monitor, System
 from ._views import Views
 
 __all__ = ["Anderson"]

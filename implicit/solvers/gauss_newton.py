@@ -9,11 +9,10 @@ import torch
 
 from .._cg import cg
 from .._krylov import Tolerance
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._solver import Solver
 from ..linesearch import backtracking
+from ..plugin import Monitor, System
 from ._descent import check_int, check_open_interval, forcing, normal_matvec, require_form
 
 __all__ = ["GaussNewton"]
@@ -80,7 +79,7 @@ class GaussNewton(Solver):
         check_int("max_linesearch", self.max_linesearch)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        require_form(system, self.name or "gauss_newton", self.forms)
+        system = require_form(system, self.name or "gauss_newton", self.forms)
         z = z0
         r, jvp, vjp = system.lsq_linearize(z)
         f = 0.5 * (r * r).sum(1)

@@ -7,11 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._solver import Solver
 from ..linesearch import strong_wolfe
+from ..plugin import Monitor, System
 from ._descent import check_int, check_open_interval, check_positive, require_form
 
 __all__ = ["LBFGS"]
@@ -135,7 +134,7 @@ class LBFGS(Solver):
         check_positive("curvature_eps", self.curvature_eps)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        require_form(system, self.name or "lbfgs", self.forms)
+        system = require_form(system, self.name or "lbfgs", self.forms)
         z = z0
         f, g = system.value_and_grad(z)
         memory = _Memory(self.m, z)

@@ -9,10 +9,9 @@ import torch
 
 from .._cg import cg
 from .._krylov import Tolerance
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._solver import Solver
+from ..plugin import Monitor, System
 from ._descent import check_int, check_open_interval, check_positive, forcing, normal_matvec, require_form
 
 __all__ = ["LevenbergMarquardt"]
@@ -88,7 +87,7 @@ class LevenbergMarquardt(Solver):
         check_open_interval("eta_max", self.eta_max, 0.0, 1.0)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        require_form(system, self.name or "levenberg_marquardt", self.forms)
+        system = require_form(system, self.name or "levenberg_marquardt", self.forms)
         z = z0
         r, jvp, vjp = system.lsq_linearize(z)
         g = vjp(r)

@@ -7,48 +7,13 @@ from typing import ClassVar
 
 import torch
 
-from .._monitor import Monitor
-from .._problem import System
-from .._products import ResidualGraph, recordable
 from .._registry import register_solver
 from .._solver import Solver
-from ..linesearch import residual_backtracking
+from ..newton import Linearisation, check_dense_size, line_search_step
+from ..plugin import Monitor, System
 from ._descent import check_int
 
 __all__ = ["Newton"]
-
-
-class _Linearisation(ResidualGraph):
-    """``F(z)`` and its Jacobian per sample, ``(B, N, N)``, at one iterate.
-
-    With a graph of ``F`` (see :class:`~implicit._products.ResidualGraph`)
-    the Jacobian's rows are ``N`` vector-Jacobian products through it,
-    batched into one backward pass (``is_grads_batched``, as
-    ``torch.func.jacrev`` does; a basis vector repeated over the batch
-    gives that row of every sample's block). Without one (under a
-    ``torch.func`` transform, or a linear system handed over by an adjoint)
-    the columns are ``N`` forward-mode products.
-    """
-
-    def __init__(self, system: System, z: torch.Tensor, hooks: bool | None) -> None:
-        super().__init__(system.residual, z, hooks, record=recordable(system))
-        self.system = system
-
-    def jacobian(self) -> torch.Tensor:
-        batch, size = self.z.shape
-        basis = torch.eye(size, dtype=self.z.dtype, device=self.z.device)[:, None, :].expand(size, batch, size)
-        if self.graph is not None:
-            zz, f = self.graph
-            if not f.requires_grad:  # F does not depend on z
-                return self.z.new_zeros(batch, size, size)
-            with self.outside_inference(), self.saved_privately(), torch.enable_grad():
-                try:
-                    (rows,) = torch.autograd.grad(f, zz, basis, retain_graph=True, is_grads_batched=True)
-                except RuntimeError:  # an operation without a batching rule: one product per row
-                    rows = torch.stack([torch.autograd.grad(f, zz, e, retain_graph=True)[0] for e in basis])
-            return rows.transpose(0, 1).to(self.z.dtype)
-        cols = [self.system.residual_jvp(self.z, e)[1].to(self.z.dtype) for e in basis]
-        return torch.stack(cols, dim=-1)
 
 
 @register_solver("newton")
@@ -118,26 +83,27 @@ class Newton(Solver):
         check_int("max_size", self.max_size, 1)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        batch, size = z0.shape
-        entries = batch * size * size
-        if entries > self.max_size:
-            raise ValueError(
-                f"the newton solver would materialise a Jacobian of {batch} x {size} x {size} = {entries} entries "
-                f"(max_size={self.max_size}); use solver='newton_krylov' for states this large, or raise "
-                "solver_options={'max_size': ...}"
-            )
+        check_dense_size("newton", z0, self.max_size)
         z = z0
-        lin: _Linearisation | None = _Linearisation(system, z, None)
-        assert lin is not None
-        hooks = lin.hooks
-        f = lin.value
+        first = Linearisation(system, z)
+        lin: Linearisation | None = first
+        f = first.value
         while not monitor.check(z, f):
             assert monitor.active is not None
             active = monitor.active
             if lin is None:  # the line search backtracked: linearise at the new iterate
-                lin = _Linearisation(system, z, hooks)
+                lin = first.at(z)
             d = self._direction(lin.jacobian(), f, active)
-            z, f, lin = self._step(system, z, f, d, active, hooks)
+            z, f, lin = line_search_step(
+                lin,
+                z,
+                f,
+                d,
+                active=active,
+                line_search=self.line_search,
+                c1=self.armijo,
+                max_backtracks=self.max_backtracks,
+            )
         return z
 
     def _direction(self, jac: torch.Tensor, f: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -146,28 +112,3 @@ class Newton(Solver):
         if bool((info != 0).any()):
             d = torch.linalg.lstsq(jac, -f.unsqueeze(-1), driver="gelsd" if jac.device.type == "cpu" else None).solution
         return torch.where(active[:, None], d.squeeze(-1), torch.zeros_like(f))
-
-    def _step(
-        self,
-        system: System,
-        z: torch.Tensor,
-        f: torch.Tensor,
-        d: torch.Tensor,
-        active: torch.Tensor,
-        hooks: bool | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, _Linearisation | None]:
-        """The next iterate, its residual, and the linearisation there if every sample took the full step."""
-        full = _Linearisation(system, z + d, hooks)
-        if not self.line_search:
-            return z + d, full.value, full
-        step = residual_backtracking(
-            system.residual,
-            z,
-            f,
-            d,
-            active=active,
-            first=full.value,
-            c1=self.armijo,
-            max_backtracks=self.max_backtracks,
-        )
-        return step.z, step.residual, full if step.full else None

@@ -9,11 +9,10 @@ import torch
 
 from .._cg import cg
 from .._krylov import Tolerance
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._solver import Solver
 from ..linesearch import strong_wolfe
+from ..plugin import Monitor, System
 from ._descent import check_int, check_open_interval, forcing, require_form
 
 __all__ = ["NewtonCG"]
@@ -88,7 +87,7 @@ class NewtonCG(Solver):
         check_int("max_linesearch", self.max_linesearch)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
-        require_form(system, self.name or "newton_cg", self.forms)
+        system = require_form(system, self.name or "newton_cg", self.forms)
         z = z0
         f, g, hvp = system.value_grad_hvp(z)
         steepest = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)

@@ -7,47 +7,20 @@ from typing import ClassVar
 
 import torch
 
-from .._krylov import default_restart, gmres
-from .._monitor import Monitor
-from .._problem import System
-from .._products import ResidualGraph, recordable
 from .._registry import register_solver
 from .._settings import boolean, integer, interval, one_of, set_options
 from .._solver import Solver
-from ..linesearch import residual_backtracking
+from ..newton import Linearisation, default_restart, gmres, line_search_step
+from ..plugin import Monitor, System
 
 __all__ = ["NewtonKrylov"]
 
 _FORCING = ("eisenstat_walker", "constant")
 
 
-class _JacobianProduct(ResidualGraph):
-    """``v ↦ (∂F/∂z) v`` at ``z`` for the inner solve of one Newton step.
-
-    ``F`` is evaluated once at ``z`` with its graph and each product is the
-    derivative of a vector-Jacobian product (:class:`JacobianFromGraph`):
-    about one evaluation's cost, against three to five for a forward-mode
-    evaluation. Forward mode (``torch.func.jvp``) remains where no graph can
-    be recorded (see :class:`~implicit._products.ResidualGraph`) or where an
-    operation of ``F`` has no double backward. ``nfe`` counts evaluations of
-    ``F``: the recorded one, and each forward-mode product; a product through
-    the graph evaluates nothing. The recorded evaluation is also ``F(z)``
-    itself (:attr:`value`): the line search's full step is evaluated this
-    way, and when every sample takes it the next Newton step needs no
-    evaluation.
-    """
-
-    def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
-        super().__init__(system.residual, z, hooks, record=recordable(system))
-        self.system = system
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        out = self.jvp(v)
-        if out is not None:
-            return out.to(self.z.dtype)
-        # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
-        # 0-dim float32 view gives a float64 tangent); the Krylov basis keeps the state's dtype.
-        return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
+_JacobianProduct = Linearisation
+"""``v ↦ (∂F/∂z) v`` at one iterate for the inner solve of a Newton step (the products come from one
+recorded evaluation of ``F``; see :class:`implicit.newton.Linearisation`)."""
 
 
 @register_solver("newton_krylov")
@@ -87,7 +60,7 @@ class NewtonKrylov(Solver):
             (default): the number of unknowns per sample ``N`` (full GMRES:
             a shorter restart can stall the inner solve for good on systems
             of more unknowns), capped so that the basis, ``(restart + 1)·N·B``
-            numbers, stays within 2²² (``implicit._krylov.default_restart``).
+            numbers, stays within 2²² (``implicit.newton.default_restart``).
         max_inner: The most GMRES steps (Jacobian-vector products) per Newton
             step. ``None`` (default): ``max(40, restart)``, so that one full
             cycle fits.
@@ -129,10 +102,9 @@ class NewtonKrylov(Solver):
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         z = z0
-        first = _JacobianProduct(system, z)
-        product: _JacobianProduct | None = first
-        hooks = first.hooks
-        f = first.value
+        last = Linearisation(system, z)
+        product: Linearisation | None = last
+        f = last.value
         fn = torch.linalg.vector_norm(f, dim=1)
         eta = torch.full_like(fn, self.eta_max)
         fn_prev: torch.Tensor | None = None
@@ -149,7 +121,8 @@ class NewtonKrylov(Solver):
             # Converged samples need no step: an infinite target leaves their direction at zero.
             target = torch.where(active, eta_k * fn, torch.full_like(fn, float("inf")))
             if product is None:  # the line search backtracked: F's graph at the new iterate
-                product = _JacobianProduct(system, z, hooks)
+                product = last.at(z)
+            last = product
             d = gmres(
                 product,
                 -f,
@@ -159,10 +132,17 @@ class NewtonKrylov(Solver):
                 max_iter=max_inner,
                 confirm=False,
             ).x
-            hooks = product.hooks
-            z_new, f_new, product = self._step(system, z, f, fn, d, active, hooks)
+            z, f, product = line_search_step(
+                product,
+                z,
+                f,
+                d,
+                active=active,
+                line_search=self.line_search,
+                c1=self.armijo,
+                max_backtracks=self.max_backtracks,
+            )
             fn_prev = fn
-            z, f = z_new, f_new
             fn = torch.linalg.vector_norm(f, dim=1)
         return z
 
@@ -172,35 +152,3 @@ class NewtonKrylov(Solver):
         floor = self.gamma * eta**self.alpha
         new = torch.where(floor > 0.1, torch.maximum(new, floor), new)
         return torch.nan_to_num(new, nan=self.eta_max).clamp(max=self.eta_max)
-
-    def _step(
-        self,
-        system: System,
-        z: torch.Tensor,
-        f: torch.Tensor,
-        fn: torch.Tensor,
-        d: torch.Tensor,
-        active: torch.Tensor,
-        hooks: bool | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, _JacobianProduct | None]:
-        """The next iterate, its residual, and ``F``'s graph there if every sample took the full step.
-
-        A per-sample backtracking line search; the full step is evaluated
-        with its graph, which the next Newton step's products then use.
-        """
-        if not self.line_search:
-            z_new = z + d if z.shape[0] == 1 else torch.where(active[:, None], z + d, z)
-            product = _JacobianProduct(system, z_new, hooks)
-            return z_new, product.value, product
-        full = _JacobianProduct(system, z + d, hooks)
-        step = residual_backtracking(
-            system.residual,
-            z,
-            f,
-            d,
-            active=active,
-            first=full.value,
-            c1=self.armijo,
-            max_backtracks=self.max_backtracks,
-        )
-        return step.z, step.residual, full if step.full else None

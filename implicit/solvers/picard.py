@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._settings import interval, set_options
 from .._solver import IterativeSolver
+from ..plugin import Monitor, System
 
 __all__ = ["FixedPointIteration"]
 

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 
 from .. import _compat
-from .._monitor import Monitor
-from .._problem import System
 from .._registry import register_solver
 from .._settings import one_of
 from .._solver import Solver
 from .._transforms import plain
+from ..plugin import Monitor, System
 
 __all__ = ["ScipyRoot"]
 
