@@ -14,10 +14,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _compat
 
-__all__ = ["VMAP_UNSUPPORTED", "no_tangents", "plain", "vmapped"]
+__all__ = [
+    "VMAP_UNSUPPORTED",
+    "has_tangent",
+    "lowered",
+    "no_tangents",
+    "plain",
+    "strip_dead",
+    "tracked_by_outer_transform",
+    "vmapped",
+]
 
 VMAP_UNSUPPORTED = (
     "implicit cannot solve under torch.func.vmap: {where} is batched by vmap, and a solver "
@@ -62,3 +72,52 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     while _compat.is_wrapped(t) and not _compat.is_batched(t):
         t = _compat.unwrapped(t)
     return t
+
+
+def lowered(z_star: torch.Tensor) -> bool:
+    """Whether ``G`` must not be evaluated here: a ``torch.func`` transform the solve ran under is suspended.
+
+    ``torch.func`` runs a Function's rules with the transforms above it
+    lowered. The tensors ``G`` closes over are still wrapped at those
+    levels, and a transform started there to differentiate ``G`` would
+    take the same level number and mistake them for its own. Products
+    then come from the graph recorded when the solution was attached.
+    Levels that have exited (dead wrappers, level ``-2``) are harmless.
+    """
+    current = _compat.transform_level()
+    t = z_star
+    while _compat.is_wrapped(t):
+        level = _compat.wrapped_level(t)
+        if level > 0 and (current is None or level > current):
+            return True
+        t = _compat.unwrapped(t)
+    return False
+
+
+def tracked_by_outer_transform(t: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform below the current one tracks ``t`` (``jacrev`` over ``jvp``, say)."""
+    current = _compat.transform_level()
+    first = True
+    while _compat.is_wrapped(t):
+        level = _compat.wrapped_level(t)
+        if level > 0 and not (first and level == current):
+            return True
+        first = False
+        t = _compat.unwrapped(t)
+    return False
+
+
+def strip_dead(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the wrappers of ``torch.func`` levels that have exited (``make_dual`` refuses them)."""
+    while _compat.is_wrapped(t) and _compat.is_dead_wrapper(t):
+        t = _compat.unwrap_if_dead(t)
+    return t
+
+
+def has_tangent(t: torch.Tensor) -> bool:
+    if not _compat.forward_ad_active():
+        return False
+    try:
+        return fwAD.unpack_dual(t).tangent is not None
+    except RuntimeError:
+        return False
