@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from ._adjoint import AdjointSolver
-from ._failure import check_on_failure, handle_failure
+from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import ImplicitProblem
 from ._registry import make_adjoint
-from ._solve import DEFAULT_ATOL, attach_solution, default_adjoint
+from ._settings import DEFAULT_ATOL, DEFAULT_ON_FAILURE, DEFAULT_TOL, SolveSettings
+from ._solve import attach_solution, default_adjoint
 from ._stats import Solution
 from ._structure import Structure
 from ._transforms import no_tangents
@@ -34,9 +35,9 @@ def attach(
     z_star: Any,
     *,
     adjoint: str | AdjointSolver | type[AdjointSolver] | None = None,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     atol: float = DEFAULT_ATOL,
-    on_failure: str = "warn",
+    on_failure: str = DEFAULT_ON_FAILURE,
     adjoint_options: Mapping[str, Any] | None = None,
     name: str = "attach",
 ) -> Solution:
@@ -92,11 +93,8 @@ def attach(
     if not isinstance(problem, ImplicitProblem):
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
     _check_state(z_star, "z_star")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a non-negative number; got {tol!r}")
-    if not (isinstance(atol, (int, float)) and atol >= 0):
-        raise ValueError(f"atol must be a non-negative number; got {atol!r}")
-    check_on_failure(on_failure)
+    settings = SolveSettings.build(tol, atol, on_failure=on_failure)
+    tol, atol, on_failure = settings.tol, settings.atol, settings.on_failure
     adjoint_obj = make_adjoint(default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
     system = problem.bind(z_star)
     structure = system.structure
@@ -121,9 +119,9 @@ def custom_root(
     problem_or_F: ImplicitProblem | Callable[[Any], Any],
     *,
     adjoint: str | AdjointSolver | type[AdjointSolver] | None = None,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     atol: float = DEFAULT_ATOL,
-    on_failure: str = "warn",
+    on_failure: str = DEFAULT_ON_FAILURE,
     adjoint_options: Mapping[str, Any] | None = None,
     batched: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -181,7 +179,8 @@ def custom_root(
         raise TypeError(
             f"custom_root needs an implicit.ImplicitProblem or a callable F; got {type(problem_or_F).__name__}"
         )
-    check_on_failure(on_failure)
+    settings = SolveSettings.build(tol, atol, on_failure=on_failure)
+    tol, atol, on_failure = settings.tol, settings.atol, settings.on_failure
 
     def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(solver):

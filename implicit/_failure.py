@@ -11,11 +11,10 @@ import torch
 
 from ._errors import ConvergenceError, ConvergenceWarning, SolverError
 from ._monitor import Monitor
-from ._settings import one_of
+from ._settings import ON_FAILURE, one_of
 
 __all__ = ["ON_FAILURE", "check_on_failure", "handle_failure", "warn_at_caller"]
 
-ON_FAILURE = ("warn", "raise", "ignore")
 
 # Frames of these directories are the library's (and PyTorch's, between a
 # caller's backward() and the derivative): a warning is attributed to the

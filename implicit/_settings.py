@@ -12,9 +12,30 @@ import difflib
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["boolean", "integer", "interval", "non_negative", "one_of", "set_options"]
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_ON_FAILURE",
+    "DEFAULT_TOL",
+    "ON_FAILURE",
+    "SolveSettings",
+    "boolean",
+    "integer",
+    "interval",
+    "non_negative",
+    "one_of",
+    "set_options",
+]
+
+# The defaults of solve(), the functions built on it and nn.DEQ: one place.
+DEFAULT_TOL = 1e-6
+DEFAULT_ATOL = 1e-12
+DEFAULT_MAX_ITER = 100
+DEFAULT_ON_FAILURE = "warn"
+ON_FAILURE = ("warn", "raise", "ignore")
 
 
 def _got(value: Any) -> str:
@@ -73,3 +94,35 @@ def set_options(obj: Any, **values: Any) -> None:
     """Store validated (and normalised) option values on a frozen dataclass."""
     for name, value in values.items():
         object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """The stopping rule and failure policy of a solve, validated once.
+
+    Built by :func:`~implicit.solve` (and the functions built on it),
+    :func:`~implicit.attach` and :class:`~implicit.nn.DEQ` alike, through
+    :meth:`build`; an adjoint's own ``tol`` and ``atol`` follow the same rule
+    (finite and non-negative).
+    """
+
+    tol: float = DEFAULT_TOL
+    atol: float = DEFAULT_ATOL
+    max_iter: int = DEFAULT_MAX_ITER
+    on_failure: str = DEFAULT_ON_FAILURE
+
+    @classmethod
+    def build(
+        cls,
+        tol: Any = DEFAULT_TOL,
+        atol: Any = DEFAULT_ATOL,
+        max_iter: Any = DEFAULT_MAX_ITER,
+        on_failure: Any = DEFAULT_ON_FAILURE,
+    ) -> SolveSettings:
+        """The settings with each value checked and normalised (``ValueError`` naming the one that is not)."""
+        return cls(
+            non_negative("tol", tol),
+            non_negative("atol", atol),
+            integer("max_iter", max_iter, minimum=0),
+            one_of("on_failure", on_failure, ON_FAILURE),
+        )

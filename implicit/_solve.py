@@ -10,11 +10,11 @@ import torch
 
 from ._ad import Linearisation, attach
 from ._adjoint import AdjointSolver
-from ._failure import check_on_failure, handle_failure
+from ._failure import handle_failure
 from ._monitor import Monitor
 from ._problem import ImplicitProblem, System
 from ._registry import available_adjoints, available_solvers, make_adjoint, make_solver
-from ._settings import integer, non_negative
+from ._settings import DEFAULT_ATOL, DEFAULT_MAX_ITER, DEFAULT_ON_FAILURE, DEFAULT_TOL, SolveSettings
 from ._solver import Solver
 from ._stats import Solution, SolverStats
 from ._structure import Structure
@@ -22,7 +22,6 @@ from ._transforms import no_tangents
 
 __all__ = ["argmin", "fixed_point", "least_squares", "root", "solve"]
 
-DEFAULT_ATOL = 1e-12
 DEFAULT_SOLVER = "anderson"
 DEFAULT_ADJOINT = "gmres"
 
@@ -33,11 +32,6 @@ DEFAULT_ADJOINT = "gmres"
 # eagerly, as nn.DEQ does. torch.compiler.disable is the public spelling
 # since PyTorch 2.1; torch._dynamo.disable is the same function before it.
 _graph_break = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
-
-
-def _check_settings(tol: float, atol: float, max_iter: int) -> tuple[float, float, int]:
-    """``(tol, atol, max_iter)`` validated, as ``float``, ``float``, ``int``."""
-    return non_negative("tol", tol), non_negative("atol", atol), integer("max_iter", max_iter, minimum=0)
 
 
 def default_solver(problem: ImplicitProblem) -> str:
@@ -63,10 +57,10 @@ def solve(
     *,
     solver: str | Solver | type[Solver] | None = None,
     adjoint: str | AdjointSolver | type[AdjointSolver] | None = None,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     atol: float = DEFAULT_ATOL,
-    max_iter: int = 100,
-    on_failure: str = "warn",
+    max_iter: int = DEFAULT_MAX_ITER,
+    on_failure: str = DEFAULT_ON_FAILURE,
     solver_options: Mapping[str, Any] | None = None,
     adjoint_options: Mapping[str, Any] | None = None,
 ) -> Solution:
@@ -122,8 +116,8 @@ def solve(
     """
     if not isinstance(problem, ImplicitProblem):
         raise TypeError(f"problem must be an implicit.ImplicitProblem; got {type(problem).__name__}")
-    tol, atol, max_iter = _check_settings(tol, atol, max_iter)
-    check_on_failure(on_failure)
+    settings = SolveSettings.build(tol, atol, max_iter, on_failure)
+    tol, atol, max_iter, on_failure = settings.tol, settings.atol, settings.max_iter, settings.on_failure
     solver_obj = make_solver(default_solver(problem) if solver is None else solver, solver_options)
     adjoint_obj = make_adjoint(default_adjoint(problem) if adjoint is None else adjoint, adjoint_options)
 

@@ -42,3 +42,30 @@ def test_a_pickled_solver_as_adjoint_gives_the_same_gradient() -> None:
     J = torch.diag(0.5 / torch.cosh(z) ** 2)  # ∂f/∂z; ∂f/∂θ = I
     want = torch.linalg.solve((torch.eye(2, dtype=torch.float64) - J).T, torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_solve_attach_and_the_layer_share_one_settings_object() -> None:
+    from implicit._settings import DEFAULT_TOL, SolveSettings
+
+    assert SolveSettings.build() == SolveSettings()
+    assert SolveSettings.build(tol=1, max_iter=5) == SolveSettings(tol=1.0, max_iter=5)
+    with pytest.raises(ValueError, match="on_failure must be one of 'warn', 'raise', 'ignore'; got 'rise'"):
+        SolveSettings.build(on_failure="rise")
+    problem = implicit.ImplicitProblem.fixed_point(lambda z: 0.5 * z)
+    z0 = torch.ones(2, dtype=torch.float64)
+    for call in (
+        lambda: implicit.solve(problem, z0, tol=-1.0),
+        lambda: implicit.attach(problem, z0, tol=-1.0),
+        lambda: implicit.nn.DEQ(_Cell(), tol=-1.0),
+    ):
+        with pytest.raises(ValueError, match="tol must be a finite non-negative number; got -1.0"):
+            call()
+    assert implicit.nn.DEQ(_Cell()).tol == DEFAULT_TOL
+
+
+class _Cell(torch.nn.Module):
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * z + x
+
+    def init_state(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)

@@ -9,11 +9,18 @@ import torch
 from torch import nn
 
 from .._adjoint import AdjointSolver
-from .._failure import check_on_failure
 from .._problem import ImplicitProblem
 from .._registry import make_adjoint, make_solver
-from .._settings import integer, non_negative
-from .._solve import DEFAULT_ATOL, _check_settings, solve
+from .._settings import (
+    DEFAULT_ATOL,
+    DEFAULT_MAX_ITER,
+    DEFAULT_ON_FAILURE,
+    DEFAULT_TOL,
+    SolveSettings,
+    integer,
+    non_negative,
+)
+from .._solve import solve
 from .._solver import Solver
 from .._stats import Solution, SolverStats
 from ._stabilisers import jacobian_regularization, spectral_radius
@@ -181,10 +188,10 @@ class DEQ(nn.Module):
         *,
         solver: str | Solver | type[Solver] = "anderson",
         adjoint: str | AdjointSolver | type[AdjointSolver] = "gmres",
-        tol: float = 1e-6,
+        tol: float = DEFAULT_TOL,
         atol: float = DEFAULT_ATOL,
-        max_iter: int = 100,
-        on_failure: str = "warn",
+        max_iter: int = DEFAULT_MAX_ITER,
+        on_failure: str = DEFAULT_ON_FAILURE,
         solver_options: Mapping[str, Any] | None = None,
         adjoint_options: Mapping[str, Any] | None = None,
         batched: bool = True,
@@ -196,12 +203,12 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"the cell must be a torch.nn.Module with forward(z, x) and init_state(x); got {type(cell).__name__}"
             )
-        tol, atol, max_iter = _check_settings(tol, atol, max_iter)
+        settings = SolveSettings.build(tol, atol, max_iter, on_failure)
+        tol, atol, max_iter = settings.tol, settings.atol, settings.max_iter
         if eval_tol is not None:
             eval_tol = non_negative("eval_tol", eval_tol)
         if eval_max_iter is not None:
             eval_max_iter = integer("eval_max_iter", eval_max_iter, minimum=0)
-        check_on_failure(on_failure)
         # Built once here only to reject unknown names and options when the
         # layer is made rather than at its first call; the specs themselves
         # are kept (as the user gave them: a name stays a name in repr and
