@@ -10,6 +10,7 @@ policy and statistics.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -179,7 +180,8 @@ class Linearisation:
         bound itself, a residual that sits on it, as a Neumann series' does,
         could start a second solve and double the backward's cost.) In a
         later backward through a graph built with ``create_graph=True`` it is
-        not small, and is solved.
+        not small, and is solved. A sample whose adjoint solve ended
+        unconverged (reported by the failure policy) is not solved again.
         """
         if self.adjoint.approximate:
             return True
@@ -229,7 +231,12 @@ class Linearisation:
             assert monitor.reference is not None
             bn, un = monitor.reference, torch.linalg.vector_norm(x, dim=1)
             eps = torch.finfo(x.dtype).eps
-            self._negligible_bound = 2.0 * (self.tol * bn + self.atol) + 64.0 * eps * (bn + un)
+            bound = 2.0 * (self.tol * bn + self.atol) + 64.0 * eps * (bn + un)
+            if monitor.converged is not None and not monitor.nonfinite:
+                # A sample the adjoint reported unconverged (and warned of) is not solved a
+                # second time behind the caller's back: max_iter is the budget asked for.
+                bound = torch.where(monitor.converged, bound, torch.full_like(bound, math.inf))
+            self._negligible_bound = bound
             if self.record is not None:
                 self.record(stats)
         what = "adjoint solve" if transpose else "tangent solve"
