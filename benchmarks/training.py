@@ -10,8 +10,12 @@ and settings): an embedding of each 8×8 image into ``u_h`` (16×8×8) and
 
 and a linear head on the pooled ``h*`` and ``g*``; Adam (lr 1e-3), batch 64,
 float32, one torch thread. Settings: forward ``anderson`` (tol 1e-4, at most
-30 iterations), adjoint ``neumann`` / torchdeq's ``fixed_point_iter`` (tol
-1e-6, at most 30); ``--defaults`` runs each library's own defaults instead.
+30 iterations, memory 6, regularisation 1e-4 as torchdeq's defaults), adjoint
+``neumann`` / torchdeq's ``fixed_point_iter`` (tol 1e-6, at most 30);
+``--defaults`` runs each library's own defaults instead. (The regularisation
+is added to the diagonal of the residuals' Gram matrix, relative to it in
+implicit and absolute in torchdeq; with implicit's default 1e-6 this model's
+forward solves diverge on some batches late in training.)
 
 The two tolerances are not the same test: implicit stops a sample when
 ``‖f(z) − z‖ ≤ tol·‖z‖`` for that sample; torchdeq (``stop_mode='rel'``)
@@ -107,6 +111,7 @@ class ImplicitLayer:
             if defaults
             else {
                 "solver": "anderson",
+                "solver_options": {"m": 6, "lam": 1e-4},  # torchdeq's Anderson memory and regularisation
                 "adjoint": adjoint,
                 "tol": 1e-4,
                 "max_iter": 30,
