@@ -20,6 +20,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ._settings import integer
+
 __all__ = ["RESTART_BUDGET", "STAGNATION", "GMRESResult", "Tolerance", "default_restart", "gmres"]
 
 RESTART_BUDGET = 2**22
@@ -227,8 +229,7 @@ def gmres(
         raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected {tuple(b.shape)} as b")
     if restart is None:
         restart = default_restart(b.shape[0], b.shape[1])
-    if isinstance(restart, bool) or not (isinstance(restart, int) and restart >= 1):
-        raise ValueError(f"restart must be a positive int or None; got {restart!r}")
+    restart = integer("restart", restart)
     if monitor is None:
         target = tol * torch.linalg.vector_norm(b, dim=1) + atol
         steps = 10 * b.shape[1] if max_iter is None else max_iter

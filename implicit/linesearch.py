@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._settings import integer
+
 __all__ = ["LineSearchResult", "ResidualStep", "backtracking", "residual_backtracking", "strong_wolfe"]
 
 ValueAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -78,8 +80,7 @@ def _check_params(c1: float, c2: float | None, max_iter: int) -> None:
         raise ValueError(f"c1 must lie in (0, 1); got {c1!r}")
     if c2 is not None and not c1 < c2 < 1:
         raise ValueError(f"c2 must lie in (c1, 1) = ({c1}, 1); got {c2!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
+    integer("max_iter", max_iter)
 
 
 def _as_rows(name: str, value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -397,8 +398,7 @@ def residual_backtracking(
     """
     if not 0 < c1 < 1:
         raise ValueError(f"c1 must lie in (0, 1); got {c1!r}")
-    if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) or max_backtracks < 0:
-        raise ValueError(f"max_backtracks must be an int >= 0; got {max_backtracks!r}")
+    integer("max_backtracks", max_backtracks, minimum=0)
     fn = torch.linalg.vector_norm(f, dim=1)
     lam = torch.ones_like(fn)
     decided = torch.zeros_like(fn, dtype=torch.bool) if active is None else ~active

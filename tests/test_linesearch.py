@@ -144,7 +144,7 @@ def test_backtracking_fallback_and_no_move() -> None:
     [
         ({"c1": 0.0}, "c1 must lie in"),
         ({"c2": 1e-5}, "c2 must lie in"),
-        ({"max_iter": 0}, "max_iter must be an int"),
+        ({"max_iter": 0}, "max_iter must be a positive int"),
         ({"step": torch.ones(3)}, r"step must be a number or a tensor of shape \(2,\)"),
     ],
 )

@@ -106,9 +106,9 @@ def test_size_limit_points_to_newton_krylov() -> None:
     ("options", "match"),
     [
         ({"line_search": 1}, "line_search must be a bool"),
-        ({"max_backtracks": -1}, "max_backtracks must be an int >= 0"),
+        ({"max_backtracks": -1}, "max_backtracks must be a non-negative int"),
         ({"max_backtracks": True}, "max_backtracks"),
-        ({"max_size": 0}, "max_size must be an int >= 1"),
+        ({"max_size": 0}, "max_size must be a positive int"),
         ({"max_sise": 10}, "max_size"),
     ],
 )

@@ -284,17 +284,17 @@ def test_non_convergence_is_reported(solver: str) -> None:
 @pytest.mark.parametrize(
     ("solver", "options", "message"),
     [
-        ("lbfgs", {"m": 0}, "m must be an int >= 1; got 0"),
+        ("lbfgs", {"m": 0}, "m must be a positive int; got 0"),
         ("lbfgs", {"c1": 0.0}, r"c1 must lie in \(0, 1\); got 0.0"),
         ("lbfgs", {"c2": 1e-5}, r"c2 must lie in \(0.0001, 1\); got 1e-05"),
         ("lbfgs", {"curvature_eps": -1.0}, "curvature_eps must be a positive number"),
-        ("lbfgs", {"max_linesearch": True}, "max_linesearch must be an int"),
+        ("lbfgs", {"max_linesearch": True}, "max_linesearch must be a positive int"),
         ("newton_cg", {"eta_max": 1.0}, r"eta_max must lie in \(0, 1\); got 1.0"),
-        ("newton_cg", {"max_inner": 0}, "max_inner must be an int >= 1"),
+        ("newton_cg", {"max_inner": 0}, "max_inner must be a positive int"),
         ("gauss_newton", {"eta_max": 0}, r"eta_max must lie in \(0, 1\)"),
-        ("gauss_newton", {"max_linesearch": 0}, "max_linesearch must be an int >= 1"),
+        ("gauss_newton", {"max_linesearch": 0}, "max_linesearch must be a positive int"),
         ("levenberg_marquardt", {"tau": 0.0}, "tau must be a positive number; got 0.0"),
-        ("levenberg_marquardt", {"max_inner": 1.5}, "max_inner must be an int"),
+        ("levenberg_marquardt", {"max_inner": 1.5}, "max_inner must be a positive int"),
     ],
 )
 def test_bad_options(solver: str, options: dict, message: str) -> None:

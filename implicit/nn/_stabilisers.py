@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .._problem import ImplicitProblem
+from .._settings import integer
 from .._structure import Structure
 
 __all__ = ["jacobian_regularization", "spectral_radius"]
@@ -118,8 +119,7 @@ def jacobian_regularization(
         matrix for Laplacian smoothing splines", 1990; Bai, Koltun & Kolter,
         "Stabilizing Equilibrium Models by Jacobian Regularization", ICML 2021.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+    num_samples = integer("num_samples", num_samples)
     if probe not in _PROBES:
         raise ValueError(f"probe must be one of {', '.join(map(repr, _PROBES))}; got {probe!r}")
     structure, z_flat, g = _linearise(f, z, batched)
@@ -191,8 +191,7 @@ def spectral_radius(
         von Mises & Pollaczek-Geiringer, "Praktische Verfahren der
         Gleichungsauflösung", 1929 (the power method).
     """
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int; got {max_iter!r}")
+    max_iter = integer("max_iter", max_iter)
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be a non-negative number; got {tol!r}")
     _, z_flat, g = _linearise(f, z, batched)

@@ -8,6 +8,7 @@ from typing import cast
 
 import torch
 
+from .._settings import integer, interval
 from ..plugin import OptimisationSystem, System
 
 __all__ = ["check_int", "check_open_interval", "check_positive", "forcing", "normal_matvec", "require_form"]
@@ -39,13 +40,11 @@ def require_form(system: System, solver: str, forms: tuple[str, ...]) -> Optimis
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    integer(name, value, minimum)
 
 
 def check_open_interval(name: str, value: object, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and lo < float(value) < hi):
-        raise ValueError(f"{name} must lie in ({lo:g}, {hi:g}); got {value!r}")
+    interval(name, value, lo, hi, high_open=True)
 
 
 def check_positive(name: str, value: object) -> None:
