@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -10,7 +9,7 @@ from torch.overrides import has_torch_function
 
 from . import _compat
 
-__all__ = ["JacobianFromGraph", "ResidualGraph", "recordable", "private_saved_tensors", "record_privately", "vjp"]
+__all__ = ["JacobianFromGraph", "private_saved_tensors", "record_privately", "recordable", "vjp"]
 
 
 def vjp(g: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -104,74 +103,3 @@ def record_privately(
 def recordable(system: object) -> bool:
     """Whether a solver may record ``system.residual``'s graph: a problem's own system, outside ``torch.func`` transforms."""
     return bool(getattr(system, "records_graph", False)) and not _compat.transforms_active()
-
-
-class ResidualGraph:
-    """``F(z)`` at one iterate of a Newton-type solver, evaluated once with its graph where one can be.
-
-    The graph gives the step's linearisation: ``J v`` (:meth:`jvp`, the
-    derivative of a vector-Jacobian product) or the Jacobian's rows (vector-
-    Jacobian products through ``graph``). No graph is recorded for a linear
-    system handed over by an adjoint (``record=False``: it has its products
-    already) or under a ``torch.func`` transform; then :attr:`graph` is
-    ``None`` and the caller uses forward mode (``system.residual_jvp``).
-
-    Under ``torch.inference_mode()`` the recording leaves inference mode (the
-    iterate, an inference tensor, is copied out); a map that reads inference
-    tensors it would save (an input made there) cannot be recorded, and has no
-    graph. Work with the graph inside :meth:`outside_inference`.
-
-    Args:
-        residual: ``F`` on flat ``(B, N)`` iterates.
-        z: The iterate.
-        hooks: Whether ``F`` runs under saved-tensor hooks; ``None`` until
-            tried (see :func:`record_privately`). The outcome is :attr:`hooks`.
-        record: Whether to record a graph at all.
-
-    Attributes:
-        value: ``F(z)``, detached.
-        graph: ``(zz, F(zz))`` with ``zz`` a leaf copy of ``z``, or ``None``.
-    """
-
-    def __init__(
-        self, residual: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, hooks: bool | None, record: bool
-    ) -> None:
-        self.z, self.hooks = z, hooks
-        self.inference = torch.is_inference_mode_enabled()
-        self.graph: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._product: JacobianFromGraph | None = None
-        if not record:
-            self.value = residual(z)
-            return
-        try:
-            with self.outside_inference(), torch.enable_grad():
-                zz = (z.clone() if self.inference else z.detach()).requires_grad_()
-                f, self.hooks = record_privately(residual, zz, hooks)
-        except RuntimeError:
-            if not self.inference:
-                raise
-            self.value = residual(z)
-        else:
-            self.graph = (zz, f)
-            self.value = f.detach()
-
-    def outside_inference(self) -> contextlib.AbstractContextManager[object]:
-        """Leaves ``torch.inference_mode()`` where the graph was recorded outside it."""
-        return torch.inference_mode(False) if self.inference else contextlib.nullcontext()
-
-    def saved_privately(self) -> contextlib.AbstractContextManager[object]:
-        """Keeps what further differentiation saves out of the caller's saved-tensor hooks, where ``F`` allows."""
-        return private_saved_tensors() if self.hooks else contextlib.nullcontext()
-
-    def jvp(self, v: torch.Tensor) -> torch.Tensor | None:
-        """``J v`` through the graph, or ``None`` where there is no graph or ``F`` has no double backward."""
-        if self.graph is None:
-            return None
-        if self._product is None:
-            self._product = JacobianFromGraph(*self.graph)
-        try:
-            with self.outside_inference(), self.saved_privately():
-                return self._product(v)
-        except RuntimeError:  # an operation of F without a double backward
-            self.graph = None
-            return None

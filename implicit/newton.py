@@ -39,12 +39,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 
 from ._krylov import GMRESResult, default_restart, gmres
-from ._products import JacobianFromGraph, ResidualGraph, recordable
+from ._products import JacobianFromGraph, private_saved_tensors, record_privately, recordable
 from .linesearch import ResidualStep, residual_backtracking
 from .plugin import System
 
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 
-class Linearisation(ResidualGraph):
+class Linearisation:
     """``F(z)`` at one iterate ``z`` and the products of its Jacobian ``J = ∂F/∂z`` there.
 
     ``F`` is evaluated once, with its graph where one can be recorded
@@ -114,8 +115,30 @@ class Linearisation(ResidualGraph):
     """
 
     def __init__(self, system: System, z: torch.Tensor, hooks: bool | None = None) -> None:
-        super().__init__(system.residual, z, hooks, record=recordable(system))
-        self.system = system
+        self.system, self.z, self.hooks = system, z, hooks
+        self.inference = torch.is_inference_mode_enabled()
+        self.graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._product: JacobianFromGraph | None = None
+        if not recordable(system):
+            self.value = system.residual(z)
+            return
+        try:
+            with self._outside_inference(), torch.enable_grad():
+                zz = (z.clone() if self.inference else z.detach()).requires_grad_()
+                f, self.hooks = record_privately(system.residual, zz, hooks)
+        except RuntimeError:
+            if not self.inference:
+                raise
+            self.value = system.residual(z)  # an input made under inference mode: no graph
+        else:
+            self.graph = (zz, f)
+            self.value = f.detach()
+
+    def _outside_inference(self) -> contextlib.AbstractContextManager[object]:
+        return torch.inference_mode(False) if self.inference else contextlib.nullcontext()
+
+    def _private(self) -> contextlib.AbstractContextManager[object]:
+        return private_saved_tensors() if self.hooks else contextlib.nullcontext()
 
     def at(self, z: torch.Tensor) -> Linearisation:
         """The linearisation of the same system at another iterate ``z`` (one evaluation of ``F``)."""
@@ -129,9 +152,14 @@ class Linearisation(ResidualGraph):
         :attr:`graph` becomes ``None`` and every later product uses forward
         mode).
         """
-        out = super().jvp(v)
-        if out is not None:
-            return out.to(self.z.dtype)
+        if self.graph is not None:
+            if self._product is None:
+                self._product = JacobianFromGraph(*self.graph)
+            try:
+                with self._outside_inference(), self._private():
+                    return self._product(v).to(self.z.dtype)
+            except RuntimeError:  # an operation of F without a double backward
+                self.graph = None
         # Forward AD may promote a tangent past the primal's dtype (torch 2.x: ``z ** 3`` on a
         # 0-dim float32 view gives a float64 tangent); a Krylov basis keeps the state's dtype.
         return self.system.residual_jvp(self.z, v)[1].to(self.z.dtype)
@@ -155,7 +183,7 @@ class Linearisation(ResidualGraph):
             zz, f = self.graph
             if not f.requires_grad:  # F does not depend on z
                 return self.z.new_zeros(batch, size, size)
-            with self.outside_inference(), self.saved_privately(), torch.enable_grad():
+            with self._outside_inference(), self._private(), torch.enable_grad():
                 try:
                     (rows,) = torch.autograd.grad(f, zz, basis, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an operation without a batching rule: one product per row
