@@ -210,43 +210,41 @@ def attach(z_star: torch.Tensor, lin: Linearisation) -> torch.Tensor:
     # A gradient taken inside G unpacks what G saved while G runs: not to be recomputed.
     differentiates = system.problem.form in ("argmin", "least_squares")
     shared = SharedSaves.create(reads) if not _compat.forward_ad_active() else None
+    # In plain autograd G is evaluated at a leaf that requires grad, as z_a is below:
+    # autograd then saves the same tensors in both evaluations, and a gradient G takes
+    # inside has a graph of its own. The leaf's gradient is never read.
+    z_in: torch.Tensor | None = None
     g_in = None
     if shared is not None:
         z_in = z0.detach().requires_grad_()
         try:
             with shared.first():
-                # At a leaf that requires grad, as z_a does below: autograd then
-                # saves the same tensors in both evaluations. Its gradient is never read.
                 g_in = system.map(z_in)
         except RuntimeError:
             # G itself calls torch.func.grad or vjp, which refuse saved-tensor hooks: it is
             # evaluated below without them (an error of G's own recurs there, and propagates).
             shared = None
-        else:
-            if not _reads_other_leaves(g_in, z_in):
-                return z0
     elif not _compat.forward_ad_active() and _compat.saved_tensors_hooks_enabled() and not differentiates:
         # PyTorch without access to the caller's hooks: this evaluation keeps nothing.
-        z_in = z0.detach().requires_grad_()  # as above
+        z_in = z0.detach().requires_grad_()
         try:
             g_in = evaluate_without_saving(system.map, z_in, reads)
         except RuntimeError:  # G refuses saved-tensor hooks (as above); an error of its own recurs below
             pass
-        else:
-            if not _reads_other_leaves(g_in, z_in):
-                return z0
     if g_in is None:
         # torch.func.grad / vjp / jacrev disable saved-tensor hooks, and forward
         # mode records no graph: this evaluation keeps its own activations.
         if _compat.transforms_active() or _compat.forward_ad_active():
+            z_in = None  # torch.func forbids requires_grad_
             g_in = system.map(z0)
-            if not g_in.requires_grad and not has_tangent(g_in):
-                return z0
-        else:  # at a leaf, as above: a gradient G takes inside has a graph of its own
-            z_in = z0.detach().requires_grad_()
+        else:
+            z_in = z0.detach().requires_grad_() if z_in is None else z_in
             g_in = system.map(z_in)
-            if not _reads_other_leaves(g_in, z_in):
-                return z0
+    if z_in is None:
+        if not g_in.requires_grad and not has_tangent(g_in):
+            return z0
+    elif not _reads_other_leaves(g_in, z_in):
+        return z0
     # The corrections G(z) - z are folded into the Function (z0 is a constant,
     # z_a is the Function's ``base``): no subtraction, zero or sum is formed.
     z_a = _ImplicitSolve.apply(g_in, lin, _INNER, z0)  # z0 in value and memory
