@@ -8,10 +8,9 @@ from typing import cast
 
 import torch
 
-from .._settings import integer, interval
 from ..plugin import OptimisationSystem, System
 
-__all__ = ["check_int", "check_open_interval", "check_positive", "forcing", "normal_matvec", "require_form"]
+__all__ = ["check_positive", "forcing", "normal_matvec", "require_form"]
 
 _WHAT = {
     "argmin": "minimisation problems (implicit.argmin, ImplicitProblem.argmin)",
@@ -37,14 +36,6 @@ def require_form(system: System, solver: str, forms: tuple[str, ...]) -> Optimis
     else:
         hint = "name an adjoint made for linear systems instead, such as 'gmres', 'cg' or 'exact'"
     raise ValueError(f"solver {solver!r} solves {accepted}; this problem has form {form!r}: {hint}")
-
-
-def check_int(name: str, value: object, minimum: int = 1) -> None:
-    integer(name, value, minimum)
-
-
-def check_open_interval(name: str, value: object, lo: float, hi: float) -> None:
-    interval(name, value, lo, hi, high_open=True)
 
 
 def check_positive(name: str, value: object) -> None:

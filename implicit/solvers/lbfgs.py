@@ -8,10 +8,11 @@ from typing import ClassVar
 import torch
 
 from .._registry import register_solver
+from .._settings import integer, interval
 from .._solver import Solver
 from ..linesearch import strong_wolfe
 from ..plugin import Monitor, System
-from ._descent import check_int, check_open_interval, check_positive, require_form
+from ._descent import check_positive, require_form
 
 __all__ = ["LBFGS"]
 
@@ -127,10 +128,10 @@ class LBFGS(Solver):
     curvature_eps: float = 1e-10
 
     def __post_init__(self) -> None:
-        check_int("m", self.m)
-        check_open_interval("c1", self.c1, 0.0, 1.0)
-        check_open_interval("c2", self.c2, float(self.c1), 1.0)
-        check_int("max_linesearch", self.max_linesearch)
+        integer("m", self.m)
+        interval("c1", self.c1, 0.0, 1.0, high_open=True)
+        interval("c2", self.c2, float(self.c1), 1.0, high_open=True)
+        integer("max_linesearch", self.max_linesearch)
         check_positive("curvature_eps", self.curvature_eps)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch
 from .._cg import cg
 from .._krylov import Tolerance
 from .._registry import register_solver
+from .._settings import integer, interval
 from .._solver import Solver
 from ..plugin import Monitor, System
-from ._descent import check_int, check_open_interval, check_positive, forcing, normal_matvec, require_form
+from ._descent import check_positive, forcing, normal_matvec, require_form
 
 __all__ = ["LevenbergMarquardt"]
 
@@ -83,8 +84,8 @@ class LevenbergMarquardt(Solver):
 
     def __post_init__(self) -> None:
         check_positive("tau", self.tau)
-        check_int("max_inner", self.max_inner)
-        check_open_interval("eta_max", self.eta_max, 0.0, 1.0)
+        integer("max_inner", self.max_inner)
+        interval("eta_max", self.eta_max, 0.0, 1.0, high_open=True)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         system = require_form(system, self.name or "levenberg_marquardt", self.forms)

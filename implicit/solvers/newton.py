@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 
 from .._registry import register_solver
+from .._settings import integer
 from .._solver import Solver
 from ..newton import Linearisation, check_dense_size, line_search_step
 from ..plugin import Monitor, System
-from ._descent import check_int
 
 __all__ = ["Newton"]
 
@@ -79,8 +79,8 @@ class Newton(Solver):
     def __post_init__(self) -> None:
         if not isinstance(self.line_search, bool):
             raise ValueError(f"line_search must be a bool; got {self.line_search!r}")
-        check_int("max_backtracks", self.max_backtracks, 0)
-        check_int("max_size", self.max_size, 1)
+        integer("max_backtracks", self.max_backtracks, 0)
+        integer("max_size", self.max_size, 1)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         check_dense_size("newton", z0, self.max_size)

@@ -10,10 +10,11 @@ import torch
 from .._cg import cg
 from .._krylov import Tolerance
 from .._registry import register_solver
+from .._settings import integer, interval
 from .._solver import Solver
 from ..linesearch import strong_wolfe
 from ..plugin import Monitor, System
-from ._descent import check_int, check_open_interval, forcing, require_form
+from ._descent import forcing, require_form
 
 __all__ = ["NewtonCG"]
 
@@ -80,11 +81,11 @@ class NewtonCG(Solver):
     max_linesearch: int = 25
 
     def __post_init__(self) -> None:
-        check_int("max_inner", self.max_inner)
-        check_open_interval("eta_max", self.eta_max, 0.0, 1.0)
-        check_open_interval("c1", self.c1, 0.0, 1.0)
-        check_open_interval("c2", self.c2, float(self.c1), 1.0)
-        check_int("max_linesearch", self.max_linesearch)
+        integer("max_inner", self.max_inner)
+        interval("eta_max", self.eta_max, 0.0, 1.0, high_open=True)
+        interval("c1", self.c1, 0.0, 1.0, high_open=True)
+        interval("c2", self.c2, float(self.c1), 1.0, high_open=True)
+        integer("max_linesearch", self.max_linesearch)
 
     def solve(self, system: System, z0: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         system = require_form(system, self.name or "newton_cg", self.forms)
