@@ -635,7 +635,7 @@ class _CubeOnce(torch.autograd.Function):
 
 
 def test_newton_krylov_products_from_the_graph_equal_forward_mode() -> None:
-    from implicit.solvers.newton_krylov import _JacobianProduct
+    from implicit.newton import Linearisation as _JacobianProduct
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(6, 6, dtype=DT, generator=g) / 3
@@ -654,7 +654,7 @@ def test_newton_krylov_products_from_the_graph_equal_forward_mode() -> None:
 
 
 def test_newton_krylov_falls_back_to_forward_mode_without_double_backward() -> None:
-    from implicit.solvers.newton_krylov import _JacobianProduct
+    from implicit.newton import Linearisation as _JacobianProduct
 
     c = torch.tensor([8.0, 1.0, 27.0], dtype=DT)
     z = torch.tensor([1.5, 3.0, 2.0], dtype=DT)

@@ -18,11 +18,6 @@ __all__ = ["NewtonKrylov"]
 _FORCING = ("eisenstat_walker", "constant")
 
 
-_JacobianProduct = Linearisation
-"""``v ↦ (∂F/∂z) v`` at one iterate for the inner solve of a Newton step (the products come from one
-recorded evaluation of ``F``; see :class:`implicit.newton.Linearisation`)."""
-
-
 @register_solver("newton_krylov")
 @dataclass(frozen=True, kw_only=True)
 class NewtonKrylov(Solver):
